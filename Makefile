@@ -1,0 +1,45 @@
+# histoseg: `make train` and `make test` bootstrap everything (venv + install) on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.histoseg-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv if missing and install histoseg with dev extras (torch pinned by constraints.txt)
+
+train: $(STAMP) ## train the embedded synthetic default (~1 min on 2 CPU cores); ARGS="..." adds overrides
+	$(PY) train.py experiment=synthetic_quick $(ARGS)
+
+test: $(STAMP) ## run the test suite (slow tests excluded; see test-full)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-full: $(STAMP) ## run every test, slow ones included
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run the benchmarks and write benchmarks/results/<host>.json
+	$(PY) -m benchmarks.run $(ARGS)
+
+format: $(STAMP) ## ruff format + fix
+	$(PY) -m ruff check --fix histoseg tests train.py
+	$(PY) -m ruff format histoseg tests train.py
+
+lint: $(STAMP) ## ruff check
+	$(PY) -m ruff check histoseg tests train.py
+
+clean: ## remove logs and caches (keeps .venv)
+	rm -rf logs outputs multirun .cache .pytest_cache
+
+.PHONY: help install train test test-full bench format lint clean

@@ -1,0 +1,4 @@
+"""histoseg."""
+from histoseg.utils.config import register_resolvers
+
+register_resolvers()

@@ -1,0 +1,273 @@
+"""One tiled (sliding-window) inference function for every consumer.
+
+``tiled_predict`` is pure: it takes an image and a ``predictor`` callable and returns the blended
+prediction. Test steps, ``histoseg-predict``, the SR -> segmentation pipeline and whole-slide inference all
+call it. Tile positions and the Gaussian importance map follow MONAI's ``sliding_window_inference``
+(``mode="gaussian"``, ``sigma_scale=0.125``, i.e. sigma = tile/8 as nnU-Net), so both give the same
+output for the same model and settings.
+
+Memory: tiles are accumulated into a horizontal *band* buffer (tile height plus the rows one batch can
+span) that is normalised and flushed to ``out`` as soon as no later tile can touch it. Peak memory is
+therefore the tile batch plus ``O(width x tile height)``, independent of the image height; pass an
+``np.memmap``/``zarr``/``h5py`` array as ``out`` (and a memmap as the image) to keep huge images off RAM.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+TTA_MODES = ("none", "flip", "d4")
+
+
+def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets along one axis, MONAI-compatible: stride ``int(tile*(1-overlap))``, last tile flush."""
+    if tile >= size:
+        return [0]
+    stride = max(int(tile * (1 - overlap)), 1)
+    n = next(d for d in range(math.ceil(size / stride)) if d * stride + tile >= size) + 1
+    return [min(i * stride, size - tile) for i in range(n)]
+
+
+@lru_cache(maxsize=16)
+def _gaussian_cached(shape: tuple[int, int], sigma_scale: float) -> torch.Tensor:
+    axes = []
+    for n in shape:
+        x = torch.arange(-(n - 1) / 2.0, (n - 1) / 2.0 + 1, dtype=torch.float32)
+        axes.append(torch.exp(x**2 / (-2 * (sigma_scale * n) ** 2)))
+    g = axes[0][:, None] * axes[1][None, :]
+    # no zero weights (division by the weight sum): same floor as MONAI
+    return torch.clamp(g, min=max(float(g.min()), 1e-3))
+
+
+def gaussian_weights(shape: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """Importance map for one tile (max 1, min floored at 1e-3)."""
+    return _gaussian_cached((int(shape[0]), int(shape[1])), float(sigma_scale)).clone()
+
+
+def _tta_transforms(mode: str) -> list[tuple[Callable, Callable]]:
+    ident = (lambda t: t, lambda t: t)
+    if mode in (None, "none"):
+        return [ident]
+    if mode == "flip":
+        return [ident, (lambda t: t.flip(-1), lambda t: t.flip(-1)), (lambda t: t.flip(-2), lambda t: t.flip(-2))]
+    if mode == "d4":
+        out = []
+        for k in range(4):
+            out.append((lambda t, k=k: torch.rot90(t, k, (-2, -1)), lambda t, k=k: torch.rot90(t, -k, (-2, -1))))
+            out.append(
+                (
+                    lambda t, k=k: torch.rot90(t.flip(-1), k, (-2, -1)),
+                    lambda t, k=k: torch.rot90(t, -k, (-2, -1)).flip(-1),
+                )
+            )
+        return out
+    raise ValueError(f"unknown tta mode {mode!r}; choose one of {TTA_MODES}")
+
+
+def with_tta(predictor: Predictor, mode: str | None) -> Predictor:
+    """Wrap a predictor so it averages over flip (3) or dihedral (8) views of each batch."""
+    tfs = _tta_transforms(mode or "none")
+    if len(tfs) == 1:
+        return predictor
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        acc = None
+        for fwd, inv in tfs:
+            y = inv(predictor(fwd(x))).float()
+            acc = y if acc is None else acc + y
+        return acc / len(tfs)
+
+    return run
+
+
+class _ImageSource:
+    """Uniform tile access for CHW tensors and HWC numpy arrays (uint8 -> [0,1] float per tile)."""
+
+    def __init__(self, image: np.ndarray | torch.Tensor, channels_last: bool | None):
+        if isinstance(image, torch.Tensor):
+            if image.ndim == 4:
+                if image.shape[0] != 1:
+                    raise ValueError(f"tiled_predict takes one image, got a batch of {image.shape[0]}")
+                image = image[0]
+            if image.ndim != 3:
+                raise ValueError(f"expected a CxHxW tensor, got shape {tuple(image.shape)}")
+            self.kind, self.arr = "torch", image
+            self.c, self.h, self.w = image.shape
+        else:
+            arr = image
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            if arr.ndim != 3:
+                raise ValueError(f"expected an HxWxC array, got shape {arr.shape}")
+            hwc = channels_last if channels_last is not None else arr.shape[-1] <= 4
+            self.kind, self.arr, self.hwc = "numpy", arr, hwc
+            if hwc:
+                self.h, self.w, self.c = arr.shape
+            else:
+                self.c, self.h, self.w = arr.shape
+
+    def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        if self.kind == "torch":
+            return self.arr[:, y : y + th, x : x + tw]
+        a = self.arr[y : y + th, x : x + tw] if self.hwc else self.arr[:, y : y + th, x : x + tw]
+        a = np.asarray(a)
+        t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1) if self.hwc else a))
+        if t.dtype == torch.uint8:
+            return t.float().div_(255.0)
+        return t.float()
+
+
+def _pad_small(src: _ImageSource, th: int, tw: int, border: int, mode: str):
+    """Pad (MONAI-style, symmetric) so the image is at least one tile, plus an optional border."""
+    ph, pw = max(th - src.h, 0), max(tw - src.w, 0)
+    pads = (border + pw // 2, border + pw - pw // 2, border + ph // 2, border + ph - ph // 2)  # l r t b
+    if not any(pads):
+        return src, (0, 0)
+    full = src.tile(0, 0, src.h, src.w)[None]
+    # reflect needs pad < size; fall back to replicate for tiny inputs
+    m = mode
+    if m == "reflect" and (max(pads[0], pads[1]) >= src.w or max(pads[2], pads[3]) >= src.h):
+        m = "replicate"
+    padded = F.pad(full, pads, mode=m) if m != "constant" else F.pad(full, pads, value=0.0)
+    return _ImageSource(padded[0], None), (pads[2], pads[0])
+
+
+@torch.no_grad()
+def tiled_predict(
+    image: np.ndarray | torch.Tensor,
+    predictor: Predictor,
+    tile_shape: Sequence[int] = (512, 512),
+    overlap: float = 0.25,
+    blend: str = "gaussian",
+    sigma_scale: float = 0.125,
+    out_scale: int = 1,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    out: np.ndarray | None = None,
+    out_dtype: np.dtype | None = None,
+    tta: str | None = None,
+    pad_mode: str = "reflect",
+    border_pad: int = 0,
+    autocast: str | None = None,
+    channels_last: bool | None = None,
+    progress: bool = False,
+    tile_filter: Callable[[int, int, int, int], bool] | None = None,
+) -> torch.Tensor | np.ndarray:
+    """Sliding-window prediction of one image of any size.
+
+    Args:
+        image: ``CxHxW`` (or ``1xCxHxW``) float tensor, or ``HxWxC`` numpy array (uint8 is scaled to
+            [0,1] per tile, so a uint8 memmap never becomes one big float array).
+        predictor: maps a ``(B,C,th,tw)`` float tensor on ``device`` to ``(B,K,s*th,s*tw)``.
+        tile_shape: ``(th, tw)`` input pixels per tile.
+        overlap: fraction of a tile shared with its neighbour (stride = ``int(tile*(1-overlap))``).
+        blend: ``gaussian`` (sigma = ``sigma_scale`` x tile) or ``constant``.
+        out_scale: output/input size ratio (4 for an x4 SR generator).
+        batch_size: tiles per forward pass.
+        device: where tiles go (default: CUDA if available, else CPU). Accumulation stays on CPU.
+        out: optional ``(K, s*H, s*W)`` array-like (numpy, memmap, zarr, h5py) to write into; the
+            return value is then ``out``. Default: a new float32 CPU tensor.
+        tta: ``none``, ``flip`` (3 views) or ``d4`` (8 views).
+        pad_mode: how to pad images smaller than a tile (and ``border_pad``): reflect, replicate, constant.
+        border_pad: extra context pixels padded on every side (0 = MONAI behaviour).
+        autocast: ``bf16`` / ``fp16`` to run the predictor under autocast (outputs are accumulated in fp32).
+        tile_filter: ``f(y, x, th, tw) -> bool`` to skip tiles (their area gets 0 / untouched ``out``).
+    """
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    th, tw = (int(tile_shape[0]), int(tile_shape[1])) if isinstance(tile_shape, Sequence) else (int(tile_shape),) * 2
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src0 = _ImageSource(image, channels_last)
+    src, (off_y, off_x) = _pad_small(src0, th, tw, border_pad, pad_mode)
+    H0, W0, s = src0.h, src0.w, int(out_scale)
+    ys, xs = tile_starts(src.h, th, overlap), tile_starts(src.w, tw, overlap)
+    tiles = [(y, x) for y in ys for x in xs]
+    if tile_filter is not None:
+        tiles = [(y, x) for (y, x) in tiles if tile_filter(y - off_y, x - off_x, th, tw)]
+
+    oth, otw, OW = th * s, tw * s, src.w * s
+    weight = gaussian_weights((oth, otw), sigma_scale) if blend == "gaussian" else torch.ones(oth, otw)
+    tiles_per_row = max(len(xs), 1)
+    rows_per_batch = math.ceil(batch_size / tiles_per_row) + 1
+    stride_h = (ys[1] - ys[0]) if len(ys) > 1 else th
+    band_h = min(src.h, th + rows_per_batch * stride_h) * s
+    acc: torch.Tensor | None = None  # (K, band_h, OW), allocated on first output (K unknown before)
+    wsum = torch.zeros(band_h, OW)
+    top = 0  # padded-output row where the band starts
+
+    result = out
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "", None)
+
+    def write(r0: int, r1: int) -> None:
+        """Normalise band rows [r0, r1) (padded output coords) and store the unpadded part."""
+        nonlocal result
+        lo, hi = max(r0, off_y * s), min(r1, (off_y + H0) * s)
+        if hi <= lo:
+            return
+        a, b = lo - top, hi - top
+        vals = acc[:, a:b, off_x * s : (off_x + W0) * s] / wsum[a:b, off_x * s : (off_x + W0) * s].clamp_min(1e-12)
+        vals[:, wsum[a:b, off_x * s : (off_x + W0) * s] == 0] = 0
+        if result is None:
+            result = torch.zeros((acc.shape[0], H0 * s, W0 * s), dtype=torch.float32)
+        if isinstance(result, torch.Tensor):
+            result[:, lo - off_y * s : hi - off_y * s] = vals
+        else:
+            v = vals.numpy()
+            result[:, lo - off_y * s : hi - off_y * s, :] = v.astype(out_dtype) if out_dtype is not None else v
+
+    def flush_until(row: int) -> None:
+        """Rows above ``row`` (padded output coords) are final: write them and slide the band."""
+        nonlocal top
+        if acc is None or row <= top:
+            return
+        write(top, min(row, top + band_h))
+        k = min(row - top, band_h)
+        acc[:, : band_h - k] = acc[:, k:].clone()
+        acc[:, band_h - k :] = 0
+        wsum[: band_h - k] = wsum[k:].clone()
+        wsum[band_h - k :] = 0
+        top = row
+
+    def batches() -> Iterator[list[tuple[int, int]]]:
+        for i in range(0, len(tiles), batch_size):
+            yield tiles[i : i + batch_size]
+
+    bar = tqdm(total=len(tiles), desc="tiles", disable=not progress, leave=False)
+    for group in batches():
+        flush_until(group[0][0] * s)
+        x = torch.stack([src.tile(y, x0, th, tw) for (y, x0) in group]).to(device, non_blocking=True)
+        if amp is not None:
+            with torch.autocast(device_type=device.type, dtype=amp):
+                pred = predictor(x)
+        else:
+            pred = predictor(x)
+        pred = pred.float().cpu()
+        if pred.shape[-2:] != (oth, otw):
+            raise ValueError(
+                f"predictor returned tiles of {tuple(pred.shape[-2:])}, expected {(oth, otw)} "
+                f"(tile {th}x{tw}, out_scale {s})"
+            )
+        if acc is None:
+            acc = torch.zeros((pred.shape[1], band_h, OW))
+        for (y, x0), p in zip(group, pred):
+            r = y * s - top
+            acc[:, r : r + oth, x0 * s : x0 * s + otw].addcmul_(p, weight)
+            wsum[r : r + oth, x0 * s : x0 * s + otw] += weight
+        bar.update(len(group))
+    bar.close()
+    if acc is None:  # every tile filtered out
+        if result is None:
+            raise ValueError("tile_filter rejected every tile and no `out` array was given")
+        return result
+    while top < src.h * s:
+        flush_until(min(top + band_h, src.h * s))
+    return result

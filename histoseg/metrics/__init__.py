@@ -1,0 +1,5 @@
+"""Metrics: pixel (online + per image), instance (AJI / PQ), image quality (PSNR / SSIM)."""
+from histoseg.metrics.instance import aji, aji_plus, instance_scores, panoptic_quality, remap_label
+from histoseg.metrics.pixel import SegMetrics, image_scores
+
+__all__ = ["SegMetrics", "image_scores", "aji", "aji_plus", "panoptic_quality", "instance_scores", "remap_label"]

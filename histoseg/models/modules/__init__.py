@@ -1,0 +1,3 @@
+from histoseg.models.modules.segmentation import SegmentationTask
+
+__all__ = ["SegmentationTask"]

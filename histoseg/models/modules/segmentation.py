@@ -1,0 +1,272 @@
+"""``SegmentationTask``: the LightningModule for semantic (and, with heads, instance-aware) segmentation.
+
+* mode from ``num_classes``: 2 -> binary (1 logit, sigmoid), K > 2 -> multiclass (K logits, softmax);
+* the backbone comes from the registry (``net`` is a partial taking ``in_channels`` and ``num_classes``);
+* loss, optimizer and scheduler are objects built from config (``conf/loss``, ``conf/optimizer``);
+* training sees random patches; validation and test predict *whole images* with
+  :func:`histoseg.inference.tiled_predict`, so ``val/dice`` and ``test/*`` are whole-image numbers;
+* test writes ``per_image.csv`` and ``summary.json`` (pixel and, with instance maps, AJI / PQ);
+* checkpoints carry the resolved model config (``histoseg`` key) so a checkpoint alone rebuilds the net.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+from torchmetrics import MaxMetric, MeanMetric
+
+from histoseg.inference.postprocess import PostProcessor
+from histoseg.inference.tiled import tiled_predict, with_tta
+from histoseg.losses.segmentation import mode_for
+from histoseg.metrics.instance import instance_scores
+from histoseg.metrics.pixel import SegMetrics, image_scores
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INFERENCE = {"tile_shape": [256, 256], "overlap": 0.25, "batch_size": 8, "tta": "none", "blend": "gaussian"}
+
+
+class SegmentationTask(L.LightningModule):
+    """Segmentation LightningModule.
+
+    Args:
+        net: backbone module, or a callable ``net(in_channels=, num_classes=)`` building it (Hydra partial).
+        loss: a loss module taking ``(logits, target)``.
+        optimizer: partial ``optimizer(params)``; scheduler: partial ``scheduler(optimizer)`` or ``None``.
+        num_classes: classes including background (2 = binary).
+        in_channels: input channels.
+        scheduler_interval: ``epoch`` or ``step``.
+        inference: tiled inference settings for val/test (tile_shape, overlap, batch_size, tta, blend).
+        postprocess: a :class:`PostProcessor` (instances for AJI/PQ at test time).
+        channels_last / compile: speed options (``torch.compile`` wraps the forward, weights stay plain).
+        report_dir: where test writes ``per_image.csv`` / ``summary.json`` (default: the logger's dir).
+        model_config: resolved config stored in checkpoints (set by ``histoseg.tasks.train``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | Callable[..., nn.Module],
+        loss: nn.Module | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        num_classes: int = 2,
+        in_channels: int = 3,
+        scheduler_interval: str = "epoch",
+        inference: dict | None = None,
+        postprocess: PostProcessor | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        report_dir: str | None = None,
+        model_config: dict | None = None,
+    ):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.mode = mode_for(self.num_classes)
+        self.out_channels = 1 if self.mode == "binary" else self.num_classes
+        self.net = net if isinstance(net, nn.Module) else net(in_channels=in_channels, num_classes=self.out_channels)
+        got = getattr(self.net, "num_classes", self.out_channels)
+        if got != self.out_channels:
+            raise ValueError(f"net outputs {got} channels but a {self.mode} task with {num_classes} classes needs {self.out_channels}")
+        self.loss_fn = loss
+        if loss is not None and getattr(loss, "mode", self.mode) != self.mode:
+            raise ValueError(
+                f"loss is configured for {loss.mode} segmentation but the dataset has {num_classes} classes ({self.mode})"
+            )
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval = scheduler_interval
+        if inference is not None and not isinstance(inference, dict):
+            from omegaconf import OmegaConf
+
+            inference = OmegaConf.to_container(inference, resolve=True)
+        self.inference = {**DEFAULT_INFERENCE, **dict(inference or {})}
+        self.postprocess = postprocess or PostProcessor(instances="none")
+        self.channels_last, self.compile_net = bool(channels_last), bool(compile)
+        self.report_dir = report_dir
+        self.model_config = model_config or {}
+        self._fwd = None
+        self.metrics = nn.ModuleDict({f"{s}_metrics": SegMetrics(self.num_classes) for s in ("train", "val", "test")})
+        self.val_loss = MeanMetric()
+        self.val_dice_best = MaxMetric()
+        self.test_rows: list[dict] = []
+
+    # ------------------------------------------------------------------ forward / predict
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.compile_net and self._fwd is None:
+            self._fwd = torch.compile(self.net)
+        if stage == "fit" and self.loss_fn is not None and getattr(self.loss_fn, "needs_class_weights", False):
+            dm = self.trainer.datamodule
+            counts = dm.class_pixel_counts()
+            w = self.loss_fn.set_class_weights(counts)
+            log.info("class weights w_i = N / N_i from training masks: %s", np.round(np.asarray(w), 3).tolist())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self._fwd or self.net)(x)
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.mode == "binary" else torch.softmax(logits, dim=1)
+
+    def hard(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard class map from logits (threshold 0.5 / argmax)."""
+        if self.mode == "binary":
+            return (logits[:, 0] > 0).long()
+        return logits.argmax(1)
+
+    def predict_logits(self, image: torch.Tensor, **overrides) -> torch.Tensor:
+        """Whole-image logits ``(K, H, W)`` on CPU by Gaussian-blended tiles (with optional TTA)."""
+        cfg = {**self.inference, **overrides}
+        was_training = self.training
+        self.eval()
+        try:
+            autocast = cfg.get("autocast")
+            if autocast is None and self.trainer is not None and "bf16" in str(self.trainer.precision):
+                autocast = "bf16"
+            return tiled_predict(
+                image,
+                with_tta(self, cfg.get("tta")),
+                tile_shape=cfg["tile_shape"],
+                overlap=cfg["overlap"],
+                blend=cfg.get("blend", "gaussian"),
+                batch_size=cfg["batch_size"],
+                device=self.device,
+                autocast=autocast,
+            )
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        self.metrics["train_metrics"].update(self.hard(logits.detach()), batch["mask"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        for k, v in self.metrics["train_metrics"].compute().items():
+            self.log(f"train/{k}", v, sync_dist=True)
+        self.metrics["train_metrics"].reset()
+
+    def _whole_image_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.predict_logits(batch["image"][0]).unsqueeze(0)
+        target = batch["mask"].cpu()
+        if self.loss_fn is not None and stage == "val":
+            self.val_loss.update(self.loss_fn(logits, target).to(self.device))
+        preds = self.hard(logits)
+        self.metrics[f"{stage}_metrics"].update(preds.to(self.device), target.to(self.device))
+        return logits, preds
+
+    def on_validation_epoch_start(self) -> None:
+        self.metrics["val_metrics"].reset()
+        self.val_loss.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._whole_image_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.metrics["val_metrics"].compute()
+        for k, v in scores.items():
+            self.log(f"val/{k}", v, sync_dist=True, prog_bar=k == "dice")
+        if self.loss_fn is not None and self.val_loss.update_count:
+            self.log("val/loss", self.val_loss.compute(), sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.val_dice_best.update(scores["dice"])
+            self.log("val/dice_best", self.val_dice_best.compute(), sync_dist=True)
+        self.metrics["val_metrics"].reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.metrics["test_metrics"].reset()
+        self.test_rows = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits, preds = self._whole_image_step(batch, "test")
+        probs = self.activate(logits)[0].numpy()
+        post = self.postprocess(probs)
+        row = {"case_id": batch["case_id"][0]}
+        row.update(image_scores(post["labels"], batch["mask"][0].numpy(), self.num_classes))
+        row.update({f"raw_{k}": v for k, v in image_scores(preds[0].numpy(), batch["mask"][0].numpy(), self.num_classes).items()
+                    if k in ("dice", "iou", "acc")})
+        if "instances" in batch and post["instances"] is not None:
+            row.update(instance_scores(batch["instances"][0].numpy(), post["instances"]))
+        self.test_rows.append(row)
+
+    def on_test_epoch_end(self) -> None:
+        rows = self.test_rows
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        summary = summarize(rows)
+        for k, v in summary["mean"].items():
+            self.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
+        if self.trainer.is_global_zero:
+            out = Path(self.report_dir or (self.trainer.log_dir or self.trainer.default_root_dir))
+            write_report(rows, summary, out, extra={"postprocess": self.postprocess.config(), "inference": self.inference})
+            log.info("whole-image test report written to %s", out)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured")
+        opt = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["histoseg"] = {
+            "model_config": self.model_config,
+            "num_classes": self.num_classes,
+            "inference": dict(self.inference),
+            "postprocess": self.postprocess.config(),
+        }
+        checkpoint["histoseg_rng"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("histoseg_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+        pp = checkpoint.get("histoseg", {}).get("postprocess")
+        if pp:
+            self.postprocess = PostProcessor(**pp)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean / std / median over images of every numeric column."""
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float, np.floating, np.integer))})
+    out = {"n_images": len(rows), "mean": {}, "std": {}, "median": {}}
+    for k in keys:
+        vals = np.array([float(r[k]) for r in rows if k in r])
+        out["mean"][k], out["std"][k], out["median"][k] = float(vals.mean()), float(vals.std()), float(np.median(vals))
+    return out
+
+
+def write_report(rows: list[dict], summary: dict, out_dir: str | Path, extra: dict | None = None) -> None:
+    """``per_image.csv`` (one row per image) and ``summary.json`` (mean/std/median), written atomically."""
+    import csv
+    import io
+
+    from histoseg.data.io import atomic_write_text
+
+    out = Path(out_dir)
+    cols = ["case_id"] + sorted({k for r in rows for k in r if k != "case_id"})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(out / "per_image.csv", buf.getvalue())
+    atomic_write_text(out / "summary.json", json.dumps({**summary, **(extra or {})}, indent=1, default=str))

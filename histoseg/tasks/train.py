@@ -1,0 +1,126 @@
+"""``train(cfg)``: build datamodule, task, callbacks, loggers and trainer from the config; fit; test."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from histoseg.tasks.utils import (
+    ConfigError,
+    build,
+    get_metric_value,
+    instantiate_callbacks,
+    instantiate_loggers,
+    task_wrapper,
+    write_run_metadata,
+)
+from histoseg.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def build_datamodule(cfg: DictConfig):
+    aug = build(cfg.aug, "aug") if cfg.get("aug") else None
+    targets = build(cfg.target, "target") if cfg.get("target") else None
+    return build(cfg.dataset, "dataset", aug=aug, targets=targets)
+
+
+def build_task(cfg: DictConfig, datamodule=None):
+    """The LightningModule from ``cfg.model`` with loss, optimizer, scheduler, inference and post-processing."""
+    loss = build(cfg.loss, "loss") if cfg.get("loss") else None
+    opt_cfg = cfg.get("optimizer")
+    optimizer = build(opt_cfg.optimizer, "optimizer") if opt_cfg else None
+    scheduler = build(opt_cfg.scheduler, "optimizer.scheduler") if opt_cfg and opt_cfg.get("scheduler") else None
+    postprocess = build(cfg.postprocess, "postprocess") if cfg.get("postprocess") else None
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    extra: dict[str, Any] = dict(
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+    if opt_cfg:
+        extra["scheduler_interval"] = opt_cfg.get("interval", "epoch")
+    if cfg.get("inference"):
+        extra["inference"] = OmegaConf.to_container(cfg.inference, resolve=True)
+    if postprocess is not None:
+        extra["postprocess"] = postprocess
+    if cfg.get("paths") and cfg.paths.get("output_dir"):
+        extra["report_dir"] = cfg.paths.output_dir
+    task = build(cfg.model, "model", **extra)
+    task.model_config = model_config  # set after building: Hydra would instantiate a dict holding _target_
+    return task
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap cross-group checks that fail before anything heavy is built."""
+    for key in ("dataset", "model", "trainer"):
+        if not cfg.get(key):
+            raise ConfigError(f"config has no {key!r} group; add {key}=<name> to the command line")
+    ps = cfg.get("patch_size")
+    if ps is not None and int(ps) <= 0:
+        raise ConfigError(f"patch_size must be positive, got {ps}")
+    monitor = cfg.get("monitor")
+    ckpt = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if ckpt and monitor and ckpt.get("monitor") not in (None, monitor):
+        raise ConfigError(f"callbacks.model_checkpoint.monitor={ckpt.monitor!r} differs from monitor={monitor!r}")
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Train (and test) from a composed config. Returns ``(metrics, objects)``."""
+    check_config(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    log.info("Instantiating datamodule <%s>", cfg.dataset.get("name"))
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # bad data and impossible patch sizes fail here, before training
+
+    log.info("Instantiating model <%s>", cfg.model.net.get("_target_"))
+    task = build_task(cfg, datamodule)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": task, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
+    if trainer.is_global_zero and cfg.get("paths", {}).get("output_dir"):
+        write_run_metadata(cfg, cfg.paths.output_dir)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams({"model/params/total": sum(p.numel() for p in task.parameters())})
+
+    if cfg.get("train", True):
+        log.info("Starting training")
+        trainer.fit(model=task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_metrics = {k: v for k, v in trainer.callback_metrics.items()}
+
+    test_metrics: dict = {}
+    if cfg.get("test", True):
+        ckpt = None
+        cb = trainer.checkpoint_callback
+        if cb is not None and getattr(cb, "best_model_path", ""):
+            ckpt = cb.best_model_path
+        elif cfg.get("ckpt_path") and not cfg.get("train", True):
+            ckpt = cfg.ckpt_path
+        log.info("Testing on whole images with %s", ckpt or "the current weights")
+        trainer.test(model=task, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        test_metrics = {k: v for k, v in trainer.callback_metrics.items()}
+
+    metrics = {**train_metrics, **test_metrics}
+    summary = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+    log.info("Final metrics: %s", summary)
+    return metrics, objects
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Hydra entry: train and return ``optimized_metric`` (for sweepers)."""
+    metrics, _ = train(cfg)
+    value = get_metric_value(metrics, cfg.get("optimized_metric"))
+    shown = [k for k in ("val/dice", "test/dice", "test/aji") if k in metrics]
+    print("histoseg result: " + ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown), flush=True)
+    return value

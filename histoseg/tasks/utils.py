@@ -1,0 +1,113 @@
+"""Helpers of the task entry points: safe instantiation, callbacks/loggers, metric lookup, run metadata."""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from histoseg.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, reported before any training starts."""
+
+
+def build(node, what: str, **kwargs):
+    """``hydra.utils.instantiate`` whose errors become one clear sentence naming the config group."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ConfigError(f"{what}: {cause}") from cause
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list:
+    from lightning.pytorch.callbacks import Callback
+
+    out = []
+    for name, node in (cfg or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        cb = build(node, f"callbacks.{name}")
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"callbacks.{name} built a {type(cb).__name__}, not a Lightning Callback")
+        out.append(cb)
+    return out
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list:
+    from lightning.pytorch.loggers import Logger
+
+    out = []
+    for name, node in (cfg or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        lg = build(node, f"logger.{name}")
+        if not isinstance(lg, Logger):
+            raise ConfigError(f"logger.{name} built a {type(lg).__name__}, not a Lightning Logger")
+        out.append(lg)
+    return out
+
+
+def get_metric_value(metrics: dict, name: str | None) -> float | None:
+    """Value of ``optimized_metric``; a clear error if the run never logged it."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}"
+        )
+    v = metrics[name]
+    return float(v.item() if hasattr(v, "item") else v)
+
+
+def git_sha() -> str | None:
+    from histoseg.utils.config import PROJECT_ROOT
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except Exception:
+        return None
+
+
+def write_run_metadata(cfg: DictConfig, out_dir: str | Path) -> None:
+    """Resolved config and git SHA beside the run's outputs (runs describe themselves)."""
+    from histoseg.data.io import atomic_write_text
+
+    out = Path(out_dir)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / "run.json", json.dumps({"git_sha": git_sha()}, indent=1))
+
+
+def task_wrapper(fn: Callable) -> Callable:
+    """Log any exception to the run log and always close W&B, so one failed trial does not kill a multirun."""
+
+    @functools.wraps(fn)
+    def wrap(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except Exception:
+            log.exception("run failed")
+            raise
+        finally:
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+            except ImportError:
+                pass
+
+    return wrap

@@ -1,0 +1,54 @@
+"""OmegaConf resolvers and config checks used by every entry point.
+
+Resolvers (registered on import of ``histoseg``):
+
+* ``${hs.data_root:}``: ``$HISTOSEG_DATA`` if set, else ``../shared/data`` next to the project (or the
+  current directory) when it exists, else ``<project>/data``.
+* ``${hs.mode:${dataset.num_classes}}``: ``binary`` for 2 classes, else ``multiclass``.
+* ``${hs.out_channels:${dataset.num_classes}}``: 1 for binary, K otherwise.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_root() -> str:
+    env = os.environ.get("HISTOSEG_DATA")
+    if env:
+        return str(Path(env).expanduser().resolve())
+    for base in (Path.cwd(), PROJECT_ROOT):
+        cand = base.parent / "shared" / "data"
+        if cand.is_dir():
+            return str(cand.resolve())
+    return str(PROJECT_ROOT / "data")
+
+
+def _mode(num_classes) -> str:
+    from histoseg.losses.segmentation import mode_for
+
+    return mode_for(int(num_classes))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("hs.data_root"):
+        OmegaConf.register_new_resolver("hs.data_root", data_root)
+        OmegaConf.register_new_resolver("hs.mode", _mode)
+        OmegaConf.register_new_resolver("hs.out_channels", lambda k: 1 if int(k) == 2 else int(k))
+        OmegaConf.register_new_resolver("hs.project_root", lambda: str(PROJECT_ROOT))
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree (``conf/`` at the project root; ``$HISTOSEG_CONF`` overrides)."""
+    env = os.environ.get("HISTOSEG_CONF")
+    p = Path(env) if env else PROJECT_ROOT / "conf"
+    if not (p / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"histoseg config tree not found at {p}; install histoseg from its source checkout (pip install -e .) "
+            "or point HISTOSEG_CONF at a copy of its conf/ folder"
+        )
+    return p

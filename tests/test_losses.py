@@ -1,0 +1,73 @@
+"""Loss sanity: perfect predictions reach the minimum, modes are checked, weights follow N / N_i."""
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from histoseg.losses import BCEWithLogitsLoss, CrossEntropyLoss, DiceCELoss
+from histoseg.losses.functional import class_weights_from_counts
+from histoseg.utils.config import conf_dir
+
+LOSSES = sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
+
+
+def build(name, mode):
+    cfg = OmegaConf.load(conf_dir() / "loss" / f"{name}.yaml")
+    cfg.mode = mode
+    loss = hydra.utils.instantiate(cfg)
+    if getattr(loss, "needs_class_weights", False):
+        loss.set_class_weights([100, 30, 20, 10][: 2 if mode == "binary" else 4])
+    return loss
+
+
+def perfect_logits(target, k, scale=20.0):
+    if k == 1:
+        return (target.float() * 2 - 1).unsqueeze(1) * scale
+    return torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).float() * 2 * scale - scale
+
+
+CASES = [(n, m, k) for n in LOSSES for m, k in (("binary", 1), ("multiclass", 4)) if not (n == "bce" and k == 4)]
+
+
+@pytest.mark.parametrize("name,mode,k", CASES)
+def test_perfect_prediction_is_the_minimum(name, mode, k):
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 2 if k == 1 else k, (2, 16, 16), generator=g)
+    loss = build(name, mode)
+    best = loss(perfect_logits(target, k), target)
+    wrong = loss(perfect_logits((target + 1) % (2 if k == 1 else k), k), target)
+    rand = loss(torch.randn(2, k, 16, 16, generator=g), target)
+    assert best.item() < rand.item() < wrong.item() + 1e-6
+    assert best.item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_binary_only_loss_rejects_multiclass():
+    with pytest.raises(ValueError, match="supports only binary"):
+        BCEWithLogitsLoss("multiclass")
+
+
+def test_class_weights_are_n_over_ni():
+    w = class_weights_from_counts([80, 15, 5, 0])
+    assert torch.allclose(w, torch.tensor([100 / 80, 100 / 15, 100 / 5, 0.0]))
+
+
+def test_weighted_ce_emphasises_rare_classes():
+    target = torch.tensor([[[0, 0, 0, 1]]])
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 1, 0, 3] = -2.0  # the rare class pixel is wrong
+    plain = CrossEntropyLoss("multiclass")(logits, target)
+    weighted = CrossEntropyLoss("multiclass", weight=[1.0, 3.0])(logits, target)
+    assert weighted > plain
+
+
+def test_auto_weights_must_be_set_before_use():
+    loss = CrossEntropyLoss("binary", weight="auto")
+    with pytest.raises(RuntimeError, match="set_class_weights"):
+        loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_dice_ce_zero_weight_skips_a_term():
+    t = torch.randint(0, 2, (1, 8, 8))
+    x = torch.randn(1, 1, 8, 8)
+    only_ce = DiceCELoss("binary", weight_dice=0.0)(x, t)
+    assert only_ce == pytest.approx(CrossEntropyLoss("binary")(x, t).item())

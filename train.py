@@ -1,0 +1,15 @@
+"""Train a histoseg model: ``python train.py dataset=monuseg model=resunet loss=dice_ce``."""
+import hydra
+from omegaconf import DictConfig
+
+import histoseg  # noqa: F401  (registers config resolvers)
+from histoseg.tasks.train import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
