@@ -115,3 +115,26 @@ def test_multirun_two_jobs_each_in_own_folder(tmp_path):
     assert "loss=dice\n" in losses[0] and "loss=dice_ce" in losses[1]
     for p in jobs:
         assert (p / "config.yaml").is_file()
+
+
+def test_checkpoint_alone_rebuilds_the_model_safely(make_cfg, tmp_path):
+    from histoseg.models.loading import load_task
+
+    metrics, obj = train(make_cfg("trainer.max_epochs=1", "test=false"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    task = load_task(ckpt)  # torch.load(weights_only=True) inside
+    img = torch.rand(3, 96, 96)
+    ref = obj["model"].eval().predict_image(img)
+    got = task.predict_image(img)
+    assert got["probs"].shape == (1, 96, 96)
+    assert abs(got["probs"] - ref["probs"]).max() < 1e-5
+    assert (got["labels"] == ref["labels"]).all()
+
+
+def test_loading_a_non_histoseg_file_is_a_clear_error(tmp_path):
+    from histoseg.models.loading import load_task
+
+    bad = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(Exception, match="not a histoseg checkpoint"):
+        load_task(bad)

@@ -1,7 +1,7 @@
 """Models: backbone registry (``backbones/``) and LightningModules (``modules/``)."""
 from histoseg.models.registry import available_backbones, build_backbone, get_backbone_class, register_backbone
 
-__all__ = ["available_backbones", "build_backbone", "get_backbone_class", "register_backbone", "SegmentationTask"]
+__all__ = ["available_backbones", "build_backbone", "get_backbone_class", "register_backbone", "SegmentationTask", "load_task"]
 
 
 def __getattr__(name):
@@ -9,4 +9,8 @@ def __getattr__(name):
         from histoseg.models.modules.segmentation import SegmentationTask
 
         return SegmentationTask
+    if name == "load_task":
+        from histoseg.models.loading import load_task
+
+        return load_task
     raise AttributeError(name)

@@ -128,7 +128,7 @@ class SegmentationTask(L.LightningModule):
         self.eval()
         try:
             autocast = cfg.get("autocast")
-            if autocast is None and self.trainer is not None and "bf16" in str(self.trainer.precision):
+            if autocast is None and self._trainer is not None and "bf16" in str(self._trainer.precision):
                 autocast = "bf16"
             return tiled_predict(
                 image,
@@ -142,6 +142,22 @@ class SegmentationTask(L.LightningModule):
             )
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def predict_image(self, image, **overrides) -> dict:
+        """The one whole-image prediction API (eval, predict CLI, SR pipeline and slides use it).
+
+        ``image``: ``3xHxW`` float tensor in [0,1] or ``HxWx3`` uint8 array. Returns ``probs`` (K,H,W) float32
+        numpy (K = 1 for binary: foreground probability), ``labels`` (H,W) class map and ``instances``
+        (H,W) or ``None``, after this task's post-processing.
+        """
+        if isinstance(image, np.ndarray):
+            from histoseg.data.datasets import to_tensor_image
+
+            image = to_tensor_image(image)
+        logits = self.predict_logits(image, **overrides).unsqueeze(0)
+        probs = self.activate(logits)[0].numpy()
+        return {"probs": probs, **self.postprocess(probs)}
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

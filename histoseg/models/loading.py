@@ -1,0 +1,45 @@
+"""Rebuild a trained task from a checkpoint alone (safe loading: ``torch.load(weights_only=True)``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+
+from histoseg.data.io import DataError
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """``torch.load(..., weights_only=True)`` with clear errors (missing file, not a histoseg checkpoint)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{p}: cannot load checkpoint safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if "histoseg" not in ckpt or "state_dict" not in ckpt:
+        raise DataError(f"{p}: not a histoseg checkpoint (no 'histoseg' section); was it written by histoseg train?")
+    return ckpt
+
+
+def load_task(path: str | Path, device: str | torch.device = "cpu", **overrides):
+    """The LightningModule stored in a checkpoint, in eval mode, with its inference and post-processing
+    settings (``overrides`` replace constructor arguments, e.g. ``inference={...}``)."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt["histoseg"]
+    cfg = dict(meta["model_config"])
+    kwargs = {"inference": meta.get("inference")}
+    if meta.get("postprocess"):
+        from histoseg.inference.postprocess import PostProcessor
+
+        kwargs["postprocess"] = PostProcessor(**meta["postprocess"])
+    kwargs.update(overrides)
+    task = hydra.utils.instantiate(cfg, **{k: v for k, v in kwargs.items() if v is not None})
+    missing, unexpected = task.load_state_dict(ckpt["state_dict"], strict=False)
+    net_missing = [k for k in missing if k.startswith("net.")]
+    if net_missing or [k for k in unexpected if k.startswith("net.")]:
+        raise DataError(f"{path}: checkpoint weights do not fit the stored model config (missing {net_missing[:3]})")
+    task.on_load_checkpoint(ckpt)
+    task.model_config = cfg
+    return task.to(device).eval()
