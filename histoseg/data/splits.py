@@ -1,0 +1,96 @@
+"""Deterministic, group-level splits, written as JSON beside the run and reusable.
+
+A split never separates a group (patient / case): ids are grouped with ``reader.group_of`` first.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from histoseg.data.io import DataError, atomic_write_text
+
+
+def _groups(reader, ids: list[str]) -> dict[str, list[str]]:
+    g: dict[str, list[str]] = {}
+    for cid in ids:
+        g.setdefault(reader.group_of(cid), []).append(cid)
+    return g
+
+
+def _take(groups: list[str], frac: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    order = list(rng.permutation(sorted(groups)))
+    k = int(round(frac * len(order)))
+    if frac > 0 and len(order) > 1:
+        k = min(max(k, 1), len(order) - 1)
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def make_split(
+    reader,
+    strategy: str = "official",
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    fold: int | None = None,
+    n_folds: int = 5,
+    file: str | None = None,
+) -> dict[str, list[str]]:
+    """Return ``{"train", "val", "test"}`` case-id lists.
+
+    Args:
+        strategy: ``official`` (the publisher's train/test; val carved from train) or ``random``
+            (test carved from all groups).
+        seed: RNG seed for every random choice (the same seed gives the same split).
+        val_fraction / test_fraction: fractions of *groups*.
+        fold: if set, cross-validation over the non-test groups: ``n_folds`` folds, ``fold`` is val.
+        file: a split JSON written by an earlier run: used as-is (ids checked against the reader).
+    """
+    ids = reader.case_ids()
+    if not ids:
+        raise DataError(f"{reader.name}: no images found under {reader.root}")
+    if file:
+        p = Path(file)
+        if not p.is_file():
+            raise DataError(f"{p}: split file not found")
+        split = json.loads(p.read_text())
+        missing = sorted(set(sum((split.get(k, []) for k in ("train", "val", "test")), [])) - set(ids))
+        if missing:
+            raise DataError(f"{p}: split names {len(missing)} ids the reader does not have, e.g. {missing[:3]}")
+        return {k: list(split.get(k, [])) for k in ("train", "val", "test")}
+
+    rng = np.random.default_rng(seed)
+    official = reader.official_split() if strategy == "official" else None
+    if strategy not in ("official", "random"):
+        raise ValueError(f"split strategy must be 'official' or 'random', got {strategy!r}")
+    if strategy == "official" and official is None:
+        raise DataError(f"{reader.name}: the dataset defines no official split; use split.strategy=random")
+    if official is not None:
+        test = sorted(official.get("test", []))
+        rest = [i for i in ids if i not in set(test)]
+        if "val" in official and fold is None:
+            val = sorted(official["val"])
+            return {"train": sorted(i for i in rest if i not in set(val)), "val": val, "test": test}
+    else:
+        g_all = _groups(reader, ids)
+        test_groups, _ = _take(list(g_all), test_fraction, rng)
+        test = sorted(c for g in test_groups for c in g_all[g])
+        rest = [i for i in ids if i not in set(test)]
+    g_rest = _groups(reader, rest)
+    if fold is not None:
+        if not 0 <= int(fold) < n_folds:
+            raise ValueError(f"fold must be in [0, {n_folds - 1}] for n_folds={n_folds}, got {fold}")
+        if len(g_rest) < n_folds:
+            raise DataError(f"{reader.name}: {len(g_rest)} groups cannot make {n_folds} folds")
+        order = list(rng.permutation(sorted(g_rest)))
+        val_groups = order[int(fold) :: n_folds]
+    else:
+        val_groups, _ = _take(list(g_rest), val_fraction, rng)
+    val = sorted(c for g in val_groups for c in g_rest[g])
+    train = sorted(i for i in rest if i not in set(val))
+    return {"train": train, "val": val, "test": test}
+
+
+def save_split(split: dict[str, list[str]], path: str | Path, meta: dict | None = None) -> None:
+    atomic_write_text(path, json.dumps({**split, "meta": meta or {}}, indent=1))
