@@ -1,0 +1,54 @@
+"""Console scripts. Each is a thin Hydra main over a function in ``histoseg.tasks``.
+
+``histoseg-train`` = ``python train.py``; ``histoseg-eval`` (conf/eval.yaml); ``histoseg-predict``
+(conf/predict.yaml); ``histoseg-data <command> ...`` (conf/data.yaml).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from histoseg.utils.config import conf_dir
+
+
+def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]):
+    """Run ``fn`` as a Hydra app over the project's config tree (``conf/<config_name>.yaml``)."""
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
+    def main(cfg: DictConfig):
+        return fn(cfg)
+
+    return main()
+
+
+def train_main() -> None:
+    from histoseg.tasks.train import run
+
+    hydra_entry("train", run)
+
+
+def eval_main() -> None:
+    from histoseg.tasks.evaluate import run
+
+    hydra_entry("eval", run)
+
+
+def predict_main() -> None:
+    from histoseg.tasks.predict import run
+
+    hydra_entry("predict", run)
+
+
+def data_main() -> None:
+    """``histoseg-data build dataset=X``: the first argument is the command, the rest Hydra overrides."""
+    from histoseg.tasks.data import COMMANDS, run
+
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: histoseg-data {{{','.join(COMMANDS)}}} dataset=<name> [overrides...]", file=sys.stderr)
+        raise SystemExit(2)
+    command = sys.argv.pop(1)
+    sys.argv.append(f"+command={command}")
+    hydra_entry("data", run)
