@@ -46,7 +46,9 @@ class InMemorySource:
         self.pad = int(pad)
         areas = np.array([s.image.shape[0] * s.image.shape[1] for s in self.samples], np.float64)
         self.p = areas / areas.sum() if weighting == "area" else np.full(len(areas), 1 / len(areas))
-        self.has_instances = all(s.instances is not None for s in self.samples)
+        # instance maps may exist for some images only (MoNuSeg train: 13 of 30); patches of the others
+        # carry an all-zero map flagged invalid, and instance targets mask them out
+        self.has_instances = any(s.instances is not None for s in self.samples)
         if self.pad:
             p = self.pad
             pad = ((p, p), (p, p))
@@ -65,7 +67,7 @@ class InMemorySource:
         ph, pw = shape
         y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
         sl = (slice(y, y + ph), slice(x, x + pw))
-        inst = s.instances[sl] if self.has_instances else None
+        inst = s.instances[sl] if s.instances is not None else None
         return s.image[sl], s.mask[sl], inst, s.case_id
 
 
@@ -111,10 +113,13 @@ class PatchDataset(Dataset):
             "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
             "case_id": cid,
         }
-        if inst is not None:
+        known = inst is not None
+        if known:
             item["instances"] = torch.from_numpy(np.ascontiguousarray(inst).astype(np.int32))
+        elif getattr(self.source, "has_instances", False):
+            item["instances"] = torch.zeros(self.patch_shape, dtype=torch.int32)
         if self.targets is not None:
-            item.update(self.targets(item["mask"], item.get("instances")))
+            item.update(self.targets(item["mask"], item["instances"] if known else None, known))
         return item
 
 

@@ -65,6 +65,65 @@ def distance_watershed(mask: np.ndarray, h: float = 1.0, smooth: float = 1.0, mi
     return inst.astype(np.int32)
 
 
+def marker_watershed(
+    fg: np.ndarray,
+    maps: dict[str, np.ndarray],
+    source: str = "interior",
+    marker_threshold: float = 0.5,
+    min_marker_size: int = 5,
+    smooth: float = 1.0,
+) -> np.ndarray:
+    """Marker-controlled watershed from predicted maps (instance-aware heads).
+
+    Sources:
+        ``interior``: markers = P(interior) > t (three-class head); energy = -P(interior).
+        ``distance``: markers = distance map > t; energy = -distance.
+        ``interior_distance``: markers = sqrt(P(interior) * distance) > t; energy = -distance.
+        ``hv``: HoVer-Net: energy from the Sobel magnitude of the hv maps; markers = foreground minus
+            edges (magnitude >= t); flooding ``-(1 - edges)`` smoothed.
+    """
+    fg = np.asarray(fg).astype(bool)
+    if not fg.any():
+        return np.zeros(fg.shape, np.int32)
+    if source == "interior":
+        score = maps["interior"]
+        energy = -score
+    elif source == "distance":
+        score = maps["dist"]
+        energy = -score
+    elif source == "interior_distance":
+        score = np.sqrt(np.clip(maps["interior"], 0, 1) * np.clip(maps["dist"], 0, 1))
+        energy = -maps["dist"]
+    elif source == "hv":
+        from skimage.filters import sobel_h, sobel_v
+
+        h = maps["hv"][0]
+        v = maps["hv"][1]
+        h = (h - h.min()) / max(h.max() - h.min(), 1e-6)
+        v = (v - v.min()) / max(v.max() - v.min(), 1e-6)
+        gh, gv = np.abs(sobel_v(h)), np.abs(sobel_h(v))
+        gh = 1 - (gh - gh.min()) / max(gh.max() - gh.min(), 1e-6)
+        gv = 1 - (gv - gv.min()) / max(gv.max() - gv.min(), 1e-6)
+        edges = np.maximum(1 - gh, 1 - gv) * fg
+        score = 1 - edges  # high inside nuclei, low on their borders
+        energy = -ndi.gaussian_filter((1 - edges) * fg, 1.0)
+    else:
+        raise ValueError(f"marker source must be interior, distance, interior_distance or hv, got {source!r}")
+    if smooth > 0 and source != "hv":
+        energy = ndi.gaussian_filter(energy, smooth)
+    markers = (score > marker_threshold) & fg
+    markers = ndi.binary_opening(markers, structure=np.ones((3, 3), bool)) if min_marker_size > 1 else markers
+    markers, _ = ndi.label(markers)
+    if min_marker_size > 1:
+        markers = remove_small_instances(markers, min_marker_size)
+    inst = segmentation.watershed(energy, markers, mask=fg)
+    # foreground blobs that received no marker stay objects of their own (never silently dropped)
+    orphans, n = ndi.label(fg & (inst == 0))
+    if n:
+        inst = np.where(orphans > 0, orphans + inst.max(), inst)
+    return inst.astype(np.int32)
+
+
 def remove_small_instances(inst: np.ndarray, min_size: int) -> np.ndarray:
     areas = np.bincount(inst.ravel())
     small = np.nonzero(areas < min_size)[0]
@@ -81,10 +140,15 @@ class PostProcessor:
     Args:
         threshold: foreground probability threshold (binary models).
         opening_radius / fill_holes / min_size: clean-up of each foreground class (pixels).
-        instances: ``none``, ``connected`` (connected components) or ``watershed`` (distance-transform
-            watershed on the foreground, to split touching nuclei).
-        h / smooth: watershed marker h-maxima height (pixels of distance) and distance smoothing sigma.
+        instances: ``none``, ``connected`` (connected components), ``watershed`` (distance-transform
+            watershed on the foreground, to split touching nuclei) or ``markers`` (marker-controlled watershed
+            from instance-aware head outputs, see :func:`marker_watershed`).
+        h / smooth: watershed marker h-maxima height (pixels of distance) and smoothing sigma.
         nuclei_classes: classes that count as nuclei for instances (default: every foreground class).
+        marker_source / marker_threshold / min_marker_size: settings of ``markers`` mode.
+
+    Called with either a ``(K,H,W)`` probability array (single-head models) or a dict of maps from
+    ``SegmentationTask.predict_maps`` (``fg``, ``probs``, ``interior``, ``dist``, ``hv``).
     """
 
     def __init__(
@@ -97,9 +161,14 @@ class PostProcessor:
         h: float = 1.0,
         smooth: float = 1.0,
         nuclei_classes: list[int] | None = None,
+        marker_source: str = "interior",
+        marker_threshold: float = 0.5,
+        min_marker_size: int = 5,
     ):
-        if instances not in ("none", "connected", "watershed"):
-            raise ValueError(f"instances must be none, connected or watershed, got {instances!r}")
+        if instances not in ("none", "connected", "watershed", "markers"):
+            raise ValueError(f"instances must be none, connected, watershed or markers, got {instances!r}")
+        self.marker_source, self.marker_threshold = marker_source, float(marker_threshold)
+        self.min_marker_size = int(min_marker_size)
         self.threshold, self.opening_radius, self.fill_holes = float(threshold), int(opening_radius), bool(fill_holes)
         self.min_size, self.instances, self.h, self.smooth = int(min_size), instances, float(h), float(smooth)
         self.nuclei_classes = None if nuclei_classes is None else [int(c) for c in nuclei_classes]
@@ -108,17 +177,54 @@ class PostProcessor:
         return {
             "threshold": self.threshold, "opening_radius": self.opening_radius, "fill_holes": self.fill_holes,
             "min_size": self.min_size, "instances": self.instances, "h": self.h, "smooth": self.smooth,
-            "nuclei_classes": self.nuclei_classes,
+            "nuclei_classes": self.nuclei_classes, "marker_source": self.marker_source,
+            "marker_threshold": self.marker_threshold, "min_marker_size": self.min_marker_size,
         }
 
-    def __call__(self, probs: np.ndarray) -> dict[str, np.ndarray | None]:
-        labels = to_class_map(probs, self.threshold)
+    def __call__(self, maps: np.ndarray | dict) -> dict[str, np.ndarray | None]:
+        if not isinstance(maps, dict):
+            maps = {"probs": maps}
+        src = maps["fg"][None] if "fg" in maps else maps["probs"]
+        labels = to_class_map(src, self.threshold)
         labels = clean_class_map(labels, self.opening_radius, self.fill_holes, self.min_size)
         inst = None
         if self.instances != "none":
             fg = labels > 0 if self.nuclei_classes is None else np.isin(labels, self.nuclei_classes)
             if self.instances == "connected":
                 inst = ndi.label(fg)[0].astype(np.int32)
-            else:
+            elif self.instances == "watershed":
                 inst = distance_watershed(fg, self.h, self.smooth, self.min_size)
+            else:
+                inst = marker_watershed(fg, maps, self.marker_source, self.marker_threshold, self.min_marker_size, self.smooth)
+                if self.min_size > 0:
+                    inst = remove_small_instances(inst, self.min_size)
+                if self.fill_holes:
+                    inst = fill_instance_holes(inst)
+                labels = (inst > 0).astype(np.uint8) if "fg" in maps else labels
         return {"labels": labels, "instances": inst}
+
+    def with_params(self, **params) -> PostProcessor:
+        """A copy with some settings replaced (used by threshold tuning)."""
+        return PostProcessor(**{**self.config(), **params})
+
+
+def fill_instance_holes(inst: np.ndarray) -> np.ndarray:
+    """Fill holes inside each instance (a hole fully enclosed by one nucleus joins it)."""
+    filled = ndi.binary_fill_holes(inst > 0)
+    holes = filled & (inst == 0)
+    if not holes.any():
+        return inst
+    lab, n = ndi.label(holes)
+    out = inst.copy()
+    # each hole takes the id of the nucleus around it (the most common id on its dilated border)
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        hole = lab[sl] == i
+        ring = ndi.binary_dilation(hole) & ~hole
+        ids = out[sl][ring]
+        ids = ids[ids > 0]
+        if ids.size:
+            out[sl][hole] = np.bincount(ids).argmax()
+    return out

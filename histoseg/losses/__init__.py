@@ -1,4 +1,5 @@
 """Losses: pure functions (``functional``), segmentation modules, compounds."""
+from histoseg.losses.multihead import MultiHeadLoss, RegressionLoss
 from histoseg.losses.segmentation import (
     BCEWithLogitsLoss,
     CompoundLoss,
@@ -14,5 +15,5 @@ from histoseg.losses.segmentation import (
 
 __all__ = [
     "SegLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "DiceLoss", "DiceCELoss", "FocalLoss", "TverskyLoss",
-    "LovaszLoss", "CompoundLoss", "mode_for",
+    "LovaszLoss", "CompoundLoss", "mode_for", "MultiHeadLoss", "RegressionLoss",
 ]

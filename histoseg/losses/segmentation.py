@@ -159,10 +159,18 @@ class DiceCELoss(CompoundLoss):
     """Dice + cross-entropy (nnU-Net's default), weights sweepable."""
 
     def __init__(
-        self, mode: str, weight_dice: float = 1.0, weight_ce: float = 1.0, ce_weight: list[float] | str | None = None
+        self,
+        mode: str,
+        weight_dice: float = 1.0,
+        weight_ce: float = 1.0,
+        ce_weight: list[float] | str | None = None,
+        ignore_index: int | None = None,
     ):
         super().__init__(
             mode,
-            {"dice": DiceLoss(mode), "ce": CrossEntropyLoss(mode, weight=ce_weight)},
+            {
+                "dice": DiceLoss(mode, ignore_index=ignore_index),
+                "ce": CrossEntropyLoss(mode, weight=ce_weight, ignore_index=ignore_index),
+            },
             {"dice": weight_dice, "ce": weight_ce},
         )

@@ -98,6 +98,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         log.info("Starting training")
         trainer.fit(model=task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = {k: v for k, v in trainer.callback_metrics.items()}
+    tune_cfg = cfg.get("tune_postprocess")
+    if tune_cfg and tune_cfg.get("enabled") and cfg.get("train", True) and task.postprocess.instances in ("watershed", "markers"):
+        tune_and_store(task, datamodule, trainer, tune_cfg)
 
     test_metrics: dict = {}
     if cfg.get("test", True):
@@ -115,6 +118,36 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     summary = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("val/", "test/"))}
     log.info("Final metrics: %s", summary)
     return metrics, objects
+
+
+def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
+    """Tune instance post-processing on the validation images with the best weights; store in checkpoints."""
+    import json
+
+    from histoseg.inference.tuning import store_postprocess, tune_postprocess
+
+    samples = [s for s in (datamodule.val_set.samples if datamodule.val_set else []) if s.instances is not None]
+    if not samples:
+        log.warning("no validation image has an instance map: post-processing thresholds stay as configured")
+        return
+    cb = trainer.checkpoint_callback
+    best = getattr(cb, "best_model_path", "") if cb is not None else ""
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        task.load_state_dict(state)
+    grid = OmegaConf.to_container(tune_cfg.grid, resolve=True) if tune_cfg.get("grid") else None
+    params, table = tune_postprocess(task, samples, tune_cfg.get("objective", "aji"), grid)
+    task.postprocess = task.postprocess.with_params(**params)
+    if trainer.is_global_zero:
+        for path in {best, getattr(cb, "last_model_path", "") if cb is not None else ""} - {""}:
+            store_postprocess(path, task.postprocess.config())
+        from histoseg.data.io import atomic_write_text
+
+        if task.report_dir:
+            atomic_write_text(
+                f"{task.report_dir}/postprocess_tuning.json",
+                json.dumps({"best": params, "n_val_images": len(samples), "table": table}, indent=1),
+            )
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -23,6 +23,7 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from histoseg.inference.postprocess import PostProcessor
 from histoseg.inference.tiled import tiled_predict, with_tta
+from histoseg.losses.multihead import MultiHeadLoss
 from histoseg.losses.segmentation import mode_for
 from histoseg.metrics.instance import instance_scores
 from histoseg.metrics.pixel import SegMetrics, image_scores
@@ -64,17 +65,23 @@ class SegmentationTask(L.LightningModule):
         compile: bool = False,
         report_dir: str | None = None,
         model_config: dict | None = None,
+        heads: dict[str, int] | None = None,
+        head_activations: dict[str, str] | None = None,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
         self.mode = mode_for(self.num_classes)
-        self.out_channels = 1 if self.mode == "binary" else self.num_classes
+        self.heads = self._check_heads(heads)
+        self.head_activations = {"dist": "sigmoid", "hv": "tanh", **dict(head_activations or {})}
+        self.out_channels = sum(self.heads.values()) if self.heads else (1 if self.mode == "binary" else self.num_classes)
         self.net = net if isinstance(net, nn.Module) else net(in_channels=in_channels, num_classes=self.out_channels)
         got = getattr(self.net, "num_classes", self.out_channels)
         if got != self.out_channels:
             raise ValueError(f"net outputs {got} channels but a {self.mode} task with {num_classes} classes needs {self.out_channels}")
         self.loss_fn = loss
-        if loss is not None and getattr(loss, "mode", self.mode) != self.mode:
+        if self.heads and loss is not None and not isinstance(loss, MultiHeadLoss):
+            raise ValueError("a multi-head model needs a MultiHeadLoss (choose a target=... config, which sets it)")
+        if loss is not None and getattr(loss, "mode", None) not in (None, self.mode) and not self.heads:
             raise ValueError(
                 f"loss is configured for {loss.mode} segmentation but the dataset has {num_classes} classes ({self.mode})"
             )
@@ -95,7 +102,38 @@ class SegmentationTask(L.LightningModule):
         self.val_dice_best = MaxMetric()
         self.test_rows: list[dict] = []
 
+    def _check_heads(self, heads) -> dict[str, int] | None:
+        if not heads:
+            return None
+        heads = {str(k): int(v) for k, v in dict(heads).items()}
+        if "seg" not in heads:
+            raise ValueError(f"model.heads needs a 'seg' class head; got {sorted(heads)}")
+        if self.mode != "binary":
+            raise ValueError("multi-head (instance-aware) models need a binary nuclei dataset (num_classes=2)")
+        if heads["seg"] not in (1, 3):
+            raise ValueError(f"the seg head has 1 (binary) or 3 (three_class) channels, got {heads['seg']}")
+        return heads
+
     # ------------------------------------------------------------------ forward / predict
+    def split(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw output -> ``{head: tensor}``; regression heads get their activation (class heads stay logits)."""
+        parts, i = {}, 0
+        for name, c in self.heads.items():
+            t = out[:, i : i + c]
+            act = self.head_activations.get(name, "none") if name != "seg" else "none"
+            parts[name] = torch.sigmoid(t) if act == "sigmoid" else torch.tanh(t) if act == "tanh" else t
+            i += c
+        return parts
+
+    def foreground_logit_hard(self, out: torch.Tensor) -> torch.Tensor:
+        """Hard nucleus mask from raw output (any head layout)."""
+        if not self.heads:
+            return self.hard(out)
+        seg = out[:, : self.heads["seg"]]
+        if seg.shape[1] == 1:
+            return (seg[:, 0] > 0).long()
+        return (seg.argmax(1) > 0).long()
+
     def setup(self, stage: str) -> None:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -151,21 +189,50 @@ class SegmentationTask(L.LightningModule):
         numpy (K = 1 for binary: foreground probability), ``labels`` (H,W) class map and ``instances``
         (H,W) or ``None``, after this task's post-processing.
         """
+        maps = self.predict_maps(image, **overrides)
+        return {**maps, **self.postprocess(maps if self.heads else maps["probs"])}
+
+    @torch.no_grad()
+    def predict_maps(self, image, **overrides) -> dict:
+        """Whole-image activated outputs as numpy: ``probs`` (K,H,W); with heads also ``fg`` (nucleus
+        probability), ``interior`` (three-class head), ``dist`` (H,W) and ``hv`` (2,H,W)."""
         if isinstance(image, np.ndarray):
             from histoseg.data.datasets import to_tensor_image
 
             image = to_tensor_image(image)
-        logits = self.predict_logits(image, **overrides).unsqueeze(0)
-        probs = self.activate(logits)[0].numpy()
-        return {"probs": probs, **self.postprocess(probs)}
+        raw = self.predict_logits(image, **overrides).unsqueeze(0)
+        return self.maps_from_raw(raw)
+
+    def maps_from_raw(self, raw: torch.Tensor) -> dict:
+        if not self.heads:
+            return {"probs": self.activate(raw)[0].numpy()}
+        parts = self.split(raw)
+        seg = parts["seg"]
+        out = {}
+        if seg.shape[1] == 1:
+            p = torch.sigmoid(seg)[0]
+            out["probs"], out["fg"] = p.numpy(), p[0].numpy()
+        else:
+            p = torch.softmax(seg, 1)[0]
+            out["probs"], out["fg"], out["interior"] = p.numpy(), (1 - p[0]).numpy(), p[1].numpy()
+        if "dist" in parts:
+            out["dist"] = parts["dist"][0, 0].numpy()
+        if "hv" in parts:
+            out["hv"] = parts["hv"][0].numpy()
+        return out
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
-        loss = self.loss_fn(logits, batch["mask"])
+        if self.heads:
+            loss = self.loss_fn(self.split(logits), batch)
+            for k, v in self.loss_fn.last.items():
+                self.log(f"train/loss_{k}", v, on_step=False, on_epoch=True, batch_size=batch["image"].shape[0])
+        else:
+            loss = self.loss_fn(logits, batch["mask"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
-        self.metrics["train_metrics"].update(self.hard(logits.detach()), batch["mask"])
+        self.metrics["train_metrics"].update(self.foreground_logit_hard(logits.detach()), batch["mask"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -177,9 +244,9 @@ class SegmentationTask(L.LightningModule):
     def _whole_image_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.predict_logits(batch["image"][0]).unsqueeze(0)
         target = batch["mask"].cpu()
-        if self.loss_fn is not None and stage == "val":
+        if self.loss_fn is not None and stage == "val" and not self.heads:
             self.val_loss.update(self.loss_fn(logits, target).to(self.device))
-        preds = self.hard(logits)
+        preds = self.foreground_logit_hard(logits)
         self.metrics[f"{stage}_metrics"].update(preds.to(self.device), target.to(self.device))
         return logits, preds
 
@@ -207,8 +274,8 @@ class SegmentationTask(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logits, preds = self._whole_image_step(batch, "test")
-        probs = self.activate(logits)[0].numpy()
-        post = self.postprocess(probs)
+        maps = self.maps_from_raw(logits)
+        post = self.postprocess(maps if self.heads else maps["probs"])
         row = {"case_id": batch["case_id"][0]}
         row.update(image_scores(post["labels"], batch["mask"][0].numpy(), self.num_classes))
         row.update({f"raw_{k}": v for k, v in image_scores(preds[0].numpy(), batch["mask"][0].numpy(), self.num_classes).items()

@@ -1,0 +1,187 @@
+"""Instance-aware targets, multi-head models and marker-controlled watershed."""
+import warnings
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from histoseg.data.datasets import InMemorySource, PatchDataset
+from histoseg.data.sample import Sample
+from histoseg.data.targets import IGNORE, InstanceTargets
+from histoseg.inference.postprocess import PostProcessor
+from histoseg.metrics.instance import aji
+from histoseg.utils.config import conf_dir
+
+
+def two_touching_discs(h=40, w=60, r=10):
+    yy, xx = np.mgrid[:h, :w]
+    inst = np.zeros((h, w), np.int32)
+    inst[(yy - 20) ** 2 + (xx - 20) ** 2 <= r * r] = 1
+    inst[((yy - 20) ** 2 + (xx - 38) ** 2 <= r * r) & (inst == 0)] = 2  # overlaps disc 1's right edge
+    return inst
+
+
+def brute_force_boundary(inst, width):
+    """Nucleus pixels within Chebyshev distance width-1 of a pixel that has a 4-neighbour of another label."""
+    h, w = inst.shape
+    pad = np.pad(inst, 1, mode="edge")
+    edge = np.zeros_like(inst, bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        edge |= (pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] != inst) & (inst > 0)
+    out = np.zeros_like(edge)
+    for y, x in zip(*np.nonzero(edge)):
+        out[max(y - width + 1, 0) : y + width, max(x - width + 1, 0) : x + width] = True
+    return out & (inst > 0)
+
+
+def test_three_class_targets_of_two_touching_discs():
+    inst = two_touching_discs()
+    t = InstanceTargets(["three_class"], boundary_width=2)(torch.from_numpy(inst > 0), torch.from_numpy(inst))
+    seg = t["seg"].numpy()
+    expected = (inst > 0).astype(int)
+    expected[brute_force_boundary(inst, 2)] = 2
+    assert np.array_equal(seg, expected)
+    # the interface between the two discs is boundary: interiors of the two nuclei do not touch
+    lab, n = ndi.label(seg == 1)
+    assert n == 2
+    assert t["inst_valid"].item() is True
+
+
+def test_distance_targets_peak_at_each_centre_and_vanish_outside():
+    inst = two_touching_discs()
+    d = InstanceTargets(["distance"])(torch.from_numpy(inst > 0), torch.from_numpy(inst))["dist"][0].numpy()
+    assert d.shape == inst.shape and (d[inst == 0] == 0).all()
+    for i, (cy, cx) in ((1, (20, 20)), (2, (20, 38))):
+        assert d[inst == i].max() == pytest.approx(1.0)
+        yy, xx = np.unravel_index(np.argmax(np.where(inst == i, d, -1)), d.shape)
+        assert abs(yy - cy) <= 1 and abs(xx - cx) <= 2
+        assert d[inst == i].min() > 0  # border pixels are inside the nucleus: positive, small
+
+
+def test_hv_targets_are_normalised_offsets_to_each_centre():
+    inst = two_touching_discs()
+    hv = InstanceTargets(["hv"])(torch.from_numpy(inst > 0), torch.from_numpy(inst))["hv"].numpy()
+    for i in (1, 2):
+        m = inst == i
+        cy, cx = ndi.center_of_mass(m)
+        yy, xx = np.nonzero(m)
+        h, v = hv[0][m], hv[1][m]
+        assert h.min() == pytest.approx(-1) and h.max() == pytest.approx(1)
+        assert v.min() == pytest.approx(-1) and v.max() == pytest.approx(1)
+        # sign follows the offset to the centre of mass; monotonic in x along a row
+        assert (np.sign(h) == np.sign(np.round(xx - cx, 6))).mean() > 0.97
+        assert (np.sign(v) == np.sign(np.round(yy - cy, 6))).mean() > 0.97
+    assert (hv[:, inst == 0] == 0).all()
+
+
+def test_without_instance_maps_only_certain_pixels_are_supervised():
+    inst = two_touching_discs()
+    t = InstanceTargets(["three_class", "distance"])(torch.from_numpy(inst > 0), None, False)
+    seg = t["seg"].numpy()
+    assert (seg[inst == 0] == 0).all()
+    assert set(np.unique(seg[inst > 0])) <= {2, IGNORE}
+    # the interface between the merged discs is not claimed as boundary
+    assert seg[20, 29] == IGNORE
+    assert t["inst_valid"].item() is False
+
+
+def perfect_maps(inst, kind):
+    fg = (inst > 0).astype(np.float32)
+    targets = InstanceTargets(["three_class", "distance", "hv"])(torch.from_numpy(inst > 0), torch.from_numpy(inst))
+    seg = targets["seg"].numpy()
+    maps = {"fg": fg, "probs": fg[None]}
+    if kind in ("interior", "interior_distance"):
+        maps["interior"] = (seg == 1).astype(np.float32)
+    if kind in ("distance", "interior_distance"):
+        maps["dist"] = targets["dist"][0].numpy()
+    if kind == "hv":
+        maps["hv"] = targets["hv"].numpy()
+    return maps
+
+
+@pytest.mark.parametrize("source,threshold", [("interior", 0.5), ("distance", 0.5), ("interior_distance", 0.5), ("hv", 0.4)])
+def test_marker_watershed_separates_two_touching_discs_from_perfect_maps(source, threshold):
+    inst = two_touching_discs()
+    pp = PostProcessor(instances="markers", marker_source=source, marker_threshold=threshold, min_marker_size=3,
+                       fill_holes=True, min_size=0)
+    out = pp(perfect_maps(inst, source))["instances"]
+    assert len(np.unique(out)) - 1 == 2
+    assert aji(inst, out) > 0.95
+
+
+def test_distance_watershed_separates_two_touching_discs():
+    inst = two_touching_discs()
+    out = PostProcessor(instances="watershed", h=1.0, smooth=1.0, min_size=0)(np.stack([(inst > 0).astype(float)]))
+    assert len(np.unique(out["instances"])) - 1 == 2
+    assert aji(inst, out["instances"]) > 0.9
+
+
+def test_markers_without_a_seed_keep_their_blob():
+    fg = np.zeros((20, 20), np.float32)
+    fg[5:10, 5:10] = 1
+    maps = {"fg": fg, "probs": fg[None], "interior": np.zeros_like(fg)}
+    out = PostProcessor(instances="markers", marker_source="interior", min_size=0)(maps)["instances"]
+    assert (out[5:10, 5:10] > 0).all()
+
+
+AUGS = sorted(p.stem for p in (conf_dir() / "aug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("aug_name", AUGS)
+def test_targets_stay_consistent_with_the_image_under_augmentation(aug_name):
+    from omegaconf import OmegaConf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aug = hydra.utils.instantiate(OmegaConf.load(conf_dir() / "aug" / f"{aug_name}.yaml"))
+    rng = np.random.default_rng(0)
+    inst = np.zeros((160, 160), np.uint16)
+    yy, xx = np.mgrid[:160, :160]
+    k = 1
+    for cy in range(20, 160, 40):
+        for cx in range(20, 160, 40):
+            inst[(yy - cy) ** 2 + ((xx - cx) / 1.5) ** 2 <= rng.integers(8, 13) ** 2] = k
+            k += 1
+    # the image encodes the nuclei: bright channel 0 inside nuclei (colour transforms may invert or shift it)
+    img = np.full((160, 160, 3), 60, np.uint8)
+    img[inst > 0, 0] = 220
+    s = Sample(image=img, mask=(inst > 0).astype(np.uint8), instances=inst, case_id="grid")
+    targets = InstanceTargets(["three_class", "distance", "hv"])
+    ds = PatchDataset(InMemorySource([s]), (128, 128), 6, aug, seed=1, targets=targets)
+    for i in range(6):
+        item = ds[(0, i)]
+        mask = item["mask"].numpy() > 0
+        seg, dist = item["seg"].numpy(), item["dist"][0].numpy()
+        assert np.array_equal(seg > 0, mask) and np.array_equal(dist > 0, mask)
+        assert np.array_equal(item["instances"].numpy() > 0, mask)
+        assert (item["hv"].numpy()[:, ~mask] == 0).all()
+        ch = item["image"][0].numpy()
+        if mask.any() and (~mask).any():
+            corr = np.corrcoef(ch.ravel(), mask.ravel().astype(float))[0, 1]
+            assert abs(corr) > 0.8, f"image and mask misaligned after {aug_name}: corr {corr:.2f}"
+
+
+def test_tuned_thresholds_round_trip_through_the_checkpoint(make_cfg, tmp_path):
+    from histoseg.models.loading import load_task
+    from histoseg.tasks.train import train
+
+    cfg = make_cfg("target=three_class", "trainer.max_epochs=1", "test=false",
+                   "tune_postprocess.grid={marker_threshold:[0.2,0.4],threshold:[0.5]}")
+    metrics, obj = train(cfg)
+    tuned = obj["model"].postprocess.config()
+    assert tuned["marker_threshold"] in (0.2, 0.4)
+    assert (tmp_path / "postprocess_tuning.json").is_file()
+    for name in ("last.ckpt",):
+        task = load_task(tmp_path / "checkpoints" / name)
+        assert task.postprocess.config() == tuned
+        assert task.heads == {"seg": 3}
+
+
+@pytest.mark.parametrize("target", ["binary", "three_class", "distance", "hv", "three_class_distance"])
+def test_every_target_config_trains_one_step(make_cfg, target):
+    from histoseg.tasks.train import train
+
+    metrics, obj = train(make_cfg(f"target={target}", "trainer=debug"))
+    assert "test/aji" in metrics and 0 <= float(metrics["test/aji"]) <= 1
