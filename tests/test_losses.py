@@ -8,7 +8,9 @@ from histoseg.losses import BCEWithLogitsLoss, CrossEntropyLoss, DiceCELoss
 from histoseg.losses.functional import class_weights_from_counts
 from histoseg.utils.config import conf_dir
 
-LOSSES = sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml"))
+# single-head segmentation losses; the multi-head ones (mh_*) are tested below
+LOSSES = sorted(p.stem for p in (conf_dir() / "loss").glob("*.yaml") if not p.stem.startswith("mh_"))
+MH_LOSSES = sorted(p.stem for p in (conf_dir() / "loss").glob("mh_*.yaml"))
 
 
 def build(name, mode):
@@ -71,3 +73,23 @@ def test_dice_ce_zero_weight_skips_a_term():
     x = torch.randn(1, 1, 8, 8)
     only_ce = DiceCELoss("binary", weight_dice=0.0)(x, t)
     assert only_ce == pytest.approx(CrossEntropyLoss("binary")(x, t).item())
+
+
+@pytest.mark.parametrize("name", MH_LOSSES)
+def test_multihead_loss_is_minimal_for_perfect_heads(name):
+    from histoseg.data.targets import InstanceTargets
+
+    loss = hydra.utils.instantiate(OmegaConf.load(conf_dir() / "loss" / f"{name}.yaml"))
+    inst = torch.zeros(2, 32, 32, dtype=torch.int32)
+    inst[:, 4:14, 4:14] = 1
+    inst[:, 14:26, 10:22] = 2
+    kinds = ["three_class" if "three_class" in name else "binary", "distance", "hv"]
+    tg = [InstanceTargets(kinds)(inst[i] > 0, inst[i]) for i in range(2)]
+    batch = {k: torch.stack([t[k] for t in tg]) for k in tg[0]}
+    batch["mask"] = (inst > 0).long()
+    k = 3 if "three_class" in name else 1
+    perfect = {"seg": perfect_logits(batch["seg"], k), "dist": batch["dist"], "hv": batch["hv"]}
+    noisy = {h: v + 25 * torch.randn_like(v.float()) for h, v in perfect.items()}
+    best, worse = loss(perfect, batch), loss(noisy, batch)
+    assert best.item() < worse.item()
+    assert best.item() == pytest.approx(0.0, abs=1e-3)
