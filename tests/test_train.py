@@ -52,6 +52,7 @@ def _weights(task):
 
 def test_resume_from_last_ckpt_continues_at_same_step_and_matches(make_cfg, tmp_path):
     common = ["trainer.max_epochs=2", "trainer.deterministic=true", "dataset.samples_per_epoch=16", "test=false",
+              "tune_postprocess.enabled=false",
               "model.net.dropout=0.1"]
     full_cfg = make_cfg(*common)
     with open_dict(full_cfg):
