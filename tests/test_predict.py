@@ -152,3 +152,23 @@ def test_missing_ckpt_path_is_named_before_any_work(tmp_path):
     cfg = compose_cfg(tmp_path, "input=x.png", base=[], config_name="predict")
     with pytest.raises(ConfigError, match=r"missing mandatory value\(s\): ckpt_path"):
         predict(cfg)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + lightning: ~10 s; run() is tested in-process above
+def test_console_entry_exits_1_and_names_the_bad_file(tmp_path, binary_ckpt):
+    """``histoseg-predict`` as the console script runs it (Hydra main), without reinstalling the package."""
+    import subprocess
+    import sys
+
+    inp = tmp_path / "in"
+    write_image(inp / "good.png", nuclei_image([(50, 50)], 8))
+    (inp / "bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-c", "from histoseg.cli import predict_main; predict_main()", f"ckpt_path={binary_ckpt}",
+           f"input={inp}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "bad.jpg: cannot decode image" in r.stdout + r.stderr
+    rows = {row["image"]: row for row in read_report(tmp_path / "run" / "report.csv")}
+    assert rows["good"]["status"] == "ok" and rows["bad"]["status"] == "error"
+    assert (tmp_path / "run" / "predict.log").is_file()

@@ -18,8 +18,8 @@ from histoseg.data.splits import save_split
 from histoseg.tasks.restore import restore_task
 from histoseg.tasks.utils import (
     ConfigError,
-    check_mandatory,
     build,
+    check_mandatory,
     instantiate_callbacks,
     instantiate_loggers,
     task_wrapper,
