@@ -46,22 +46,25 @@ def test_eval_reproduces_the_training_test_and_writes_reports_and_figures(traine
     assert summary["checkpoint"].endswith(".ckpt")
     split = json.loads((tmp_path / "split.json").read_text())
     assert split["test"] == [r["case_id"] for r in rows]
-    panels = sorted((tmp_path / "figures" / "test").glob("*.png"))
-    assert [p.stem for p in panels] == [r["case_id"] for r in rows]
-    img = cv2.imread(str(panels[0]))
+    figs = tmp_path / "figures" / "test"
+    assert sorted(p.name for p in figs.glob("*.png")) == sorted(
+        f"{r['case_id']}{suffix}.png" for r in rows for suffix in ("", "_overlay"))
+    img = cv2.imread(str(figs / "syn-test-0000.png"))
     assert img is not None and img.shape[1] > 2 * img.shape[0]  # three panels side by side
+    assert cv2.imread(str(figs / "syn-test-0000_overlay.png")).shape[:2] == (96, 96)  # full resolution
 
 
 def test_eval_on_val_split_with_overrides_and_panel_cap(trained, tmp_path):
     metrics, _ = evaluate(eval_cfg(tmp_path, f"ckpt_path={trained['ckpt']}", "split=val", "inference.tta=flip",
-                                   "postprocess.instances=none", "callbacks.figures.max_panels=1"))
+                                   "postprocess.instances=none", "callbacks.figures.max_panels=1",
+                                   "callbacks.figures.overlays=false"))
     rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
     assert [r["case_id"] for r in rows] == ["syn-val-0000", "syn-val-0001"]
     assert "aji" not in rows[0] and "test/aji" not in metrics  # no instances after the override
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["inference"]["tta"] == "flip" and summary["postprocess"]["instances"] == "none"
     assert summary["inference"]["tile_shape"] == [64, 64]  # the rest kept from the checkpoint
-    assert len(list((tmp_path / "figures" / "test").glob("*.png"))) == 1
+    assert [p.name for p in (tmp_path / "figures" / "test").glob("*.png")] == ["syn-val-0000.png"]
 
 
 def test_dataset_and_ckpt_path_are_mandatory(trained, tmp_path):
@@ -82,4 +85,12 @@ def test_class_count_mismatch_is_one_clear_sentence(tmp_path):
 def test_training_writes_curves_figure(trained):
     png = trained["dir"] / "figures" / "curves.png"
     assert png.is_file() and cv2.imread(str(png)) is not None
-    assert len(list((trained["dir"] / "figures" / "test").glob("*.png"))) == 3
+    assert len(list((trained["dir"] / "figures" / "test").glob("*_overlay.png"))) == 3
+
+
+def test_checkpoint_stores_the_training_dataset_for_predict_and_eval(trained):
+    from histoseg.models.loading import load_checkpoint
+
+    ckpt = load_checkpoint(trained["ckpt"])  # weights_only=True
+    assert ckpt["histoseg"]["dataset"] == {"name": "synthetic", "mpp": 0.5, "class_names": ["background", "nucleus"]}
+    assert ckpt["HistoDataModule"]["split"]["test"] == ["syn-test-0000", "syn-test-0001", "syn-test-0002"]

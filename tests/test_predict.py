@@ -172,3 +172,18 @@ def test_console_entry_exits_1_and_names_the_bad_file(tmp_path, binary_ckpt):
     rows = {row["image"]: row for row in read_report(tmp_path / "run" / "report.csv")}
     assert rows["good"]["status"] == "ok" and rows["bad"]["status"] == "error"
     assert (tmp_path / "run" / "predict.log").is_file()
+
+
+def test_instance_maps_beyond_16_bits_go_to_tiff(tmp_path):
+    import tifffile
+
+    from histoseg.tasks.predict import write_instances
+
+    small = np.arange(12, dtype=np.int32).reshape(3, 4)
+    p = write_instances(tmp_path / "small", small)
+    assert p.suffix == ".png"
+    np.testing.assert_array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), small)
+    big = small + 70000
+    p = write_instances(tmp_path / "big", big)
+    assert p.suffix == ".tif"
+    np.testing.assert_array_equal(tifffile.imread(p), big)

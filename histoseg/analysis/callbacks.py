@@ -2,7 +2,8 @@
 
 * at fit end: ``<dirpath>/curves.png``, loss and Dice per epoch (train and val) from the run's CSV log;
 * at test end: ``<dirpath>/test/<case>.png``, image / ground truth / prediction panels of the first
-  ``max_panels`` test images (the post-processed prediction that ``per_image.csv`` scores).
+  ``max_panels`` test images (the post-processed prediction that ``per_image.csv`` scores), and with
+  ``overlays`` ``<dirpath>/test/<case>_overlay.png``: the predicted outlines on the image, full resolution.
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ class RunFigures(L.Callback):
         dirpath: the run's figure folder (``${paths.output_dir}/figures``).
         curves: draw ``curves.png`` from the CSV logger's ``metrics.csv`` (skipped, with a warning, when the
             run has no CSV logger, e.g. under ``fast_dev_run``).
-        max_panels: at most this many test panels per test run (0 = none).
+        max_panels: at most this many test images get figures per test run (0 = none).
+        overlays: also write each of those images with the predicted outlines drawn on it.
     """
 
-    def __init__(self, dirpath: str, curves: bool = True, max_panels: int = 8):
+    def __init__(self, dirpath: str, curves: bool = True, max_panels: int = 8, overlays: bool = True):
         self.dirpath = Path(dirpath)
-        self.curves = bool(curves)
+        self.curves, self.overlays = bool(curves), bool(overlays)
         self.max_panels = int(max_panels)
         if self.max_panels < 0:
             raise ValueError(f"max_panels must be >= 0, got {max_panels}")
@@ -71,13 +73,15 @@ class RunFigures(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.is_global_zero or self._panels >= self.max_panels or not isinstance(outputs, dict):
             return
-        from histoseg.analysis.figures import panel_figure
+        from histoseg.analysis.figures import panel_figure, save_overlay
 
         case = str(batch["case_id"][0])
         dice = outputs.get("scores", {}).get("dice")
         title = case if dice is None else f"{case}   Dice {dice:.3f}"
-        panel_figure(
-            batch["image"][0], batch["mask"][0].cpu().numpy(), outputs["labels"], pl_module.num_classes,
-            self.dirpath / "test" / f"{safe_name(case)}.png", title=title, instances=outputs.get("instances"),
-        )
+        image, labels, inst = batch["image"][0], outputs["labels"], outputs.get("instances")
+        out = self.dirpath / "test" / safe_name(case)
+        panel_figure(image, batch["mask"][0].cpu().numpy(), labels, pl_module.num_classes,
+                     out.with_name(out.name + ".png"), title=title, instances=inst)
+        if self.overlays:
+            save_overlay(out.with_name(out.name + "_overlay.png"), image, labels, pl_module.num_classes, inst)
         self._panels += 1
