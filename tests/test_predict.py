@@ -124,6 +124,8 @@ def test_four_class_model_writes_colour_masks_and_cellularity(tmp_path):
     assert int(row["nuclei_count"]) == 3  # tumour + non-tumour nuclei (nuclei_classes)
     mask = cv2.cvtColor(cv2.imread(str(tmp_path / "out" / "masks" / "c.png")), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(decode(mask), labels)  # red / green / blue / black encoding
+    with pytest.raises(ConfigError, match=r"report: tumour_classes \[3\] must be a non-empty subset"):
+        predict(predict_cfg(tmp_path, ckpt, tmp_path / "cells", "report.tumour_classes=[3]"))
 
 
 def test_glob_and_name_collisions(tmp_path, binary_ckpt):
@@ -180,10 +182,10 @@ def test_instance_maps_beyond_16_bits_go_to_tiff(tmp_path):
     from histoseg.tasks.predict import write_instances
 
     small = np.arange(12, dtype=np.int32).reshape(3, 4)
-    p = write_instances(tmp_path / "small", small)
-    assert p.suffix == ".png"
+    p = write_instances(tmp_path, "slide.v2", small)  # a dot in the name is kept
+    assert p.name == "slide.v2.png"
     np.testing.assert_array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), small)
     big = small + 70000
-    p = write_instances(tmp_path / "big", big)
-    assert p.suffix == ".tif"
+    p = write_instances(tmp_path, "big", big)
+    assert p.name == "big.tif"
     np.testing.assert_array_equal(tifffile.imread(p), big)

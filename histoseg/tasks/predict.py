@@ -125,15 +125,15 @@ def image_report(result: dict, mpp: float, num_classes: int, report_cfg) -> dict
     return row
 
 
-def write_instances(path_stem: Path, inst: np.ndarray) -> Path:
-    """16-bit PNG (ids up to 65535), else a 32-bit TIFF; atomic."""
+def write_instances(folder: Path, name: str, inst: np.ndarray) -> Path:
+    """``<folder>/<name>.png`` as 16-bit PNG (ids up to 65535), else ``<name>.tif`` with 32-bit ids; atomic."""
     if int(inst.max(initial=0)) <= np.iinfo(np.uint16).max:
-        path = path_stem.with_suffix(".png")
+        path = folder / f"{name}.png"
         write_image(path, inst.astype(np.uint16))
         return path
     import tifffile
 
-    path = path_stem.with_suffix(".tif")
+    path = folder / f"{name}.tif"
     buf = io.BytesIO()
     tifffile.imwrite(buf, inst.astype(np.uint32), compression="zlib")
     atomic_write_bytes(path, buf.getvalue())
@@ -153,7 +153,7 @@ def write_outputs(name: str, image: np.ndarray, result: dict, out: Path, num_cla
         write_image(p, overlay_contours(image, labels, num_classes, inst))
         files["overlay"] = str(p.relative_to(out))
     if save.instances and inst is not None:
-        files["instances"] = str(write_instances(out / "instances" / name, inst).relative_to(out))
+        files["instances"] = str(write_instances(out / "instances", name, inst).relative_to(out))
     return files
 
 
@@ -184,6 +184,11 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     names = output_names(inputs)
     task, _ = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, device="cpu")
     mpp = resolve_mpp(cfg.mpp, task, cfg.ckpt_path)
+    if task.num_classes == 4:
+        try:
+            cellularity(np.zeros((1, 1), np.uint8), cfg.report.tumour_classes, cfg.report.nucleus_classes)
+        except ValueError as e:
+            raise ConfigError(f"report: {e}") from None
     predict_one = make_predict_one(task, device)
     write_run_metadata(cfg, out)
     log.info("Predicting %d image(s) with %s into %s", len(inputs), cfg.ckpt_path, out)
