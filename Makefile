@@ -32,6 +32,9 @@ test-full: $(STAMP) ## run every test, slow ones included
 bench: $(STAMP) ## run the benchmarks and write benchmarks/results/<host>.json
 	$(PY) -m benchmarks.run $(ARGS)
 
+results: $(STAMP) ## regenerate the results tables (README.md, experiments/*/README.md) from experiments/*/results.json
+	$(PY) experiments/make_table.py
+
 format: $(STAMP) ## ruff format + fix
 	$(PY) -m ruff check --fix histoseg tests train.py
 	$(PY) -m ruff format histoseg tests train.py
@@ -42,4 +45,4 @@ lint: $(STAMP) ## ruff check
 clean: ## remove logs and caches (keeps .venv)
 	rm -rf logs outputs multirun .cache .pytest_cache
 
-.PHONY: help install train test test-full bench format lint clean
+.PHONY: help install train test test-full bench results format lint clean

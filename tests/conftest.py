@@ -37,11 +37,11 @@ TINY = [
 ]
 
 
-def compose_cfg(tmp_path: Path, *overrides: str, base: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/train.yaml`` with tiny settings + ``overrides``; outputs go to ``tmp_path``."""
+def compose_cfg(tmp_path: Path, *overrides: str, base: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with tiny settings + ``overrides``; outputs go to ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*(TINY if base is None else base), *overrides], return_hydra_config=True)
+        cfg = compose(config_name, overrides=[*(TINY if base is None else base), *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)

@@ -215,6 +215,21 @@ class HistoDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._whole_loader(self.test_set)
 
+    def eval_dataloader(self, split: str = "test") -> DataLoader:
+        """Whole images of one split (``test``, ``val`` or ``train``) in batches of one, for ``histoseg-eval``.
+
+        ``test`` and ``val`` are exactly what ``trainer.test`` / validation see (``limit_*`` applied).
+        """
+        if split == "test":
+            self.setup("test")
+            return self.test_dataloader()
+        if split == "val":
+            self.setup("validate")
+            return self.val_dataloader()
+        if split == "train":
+            return self._whole_loader(WholeImageDataset(self._read(self.resolve_split()["train"])))
+        raise ValueError(f"unknown split {split!r}; choose test, val or train")
+
     # ------------------------------------------------------------------ statistics
     def class_pixel_counts(self) -> np.ndarray:
         """Pixels per class over the training images (for w_i = N / N_i class weights)."""

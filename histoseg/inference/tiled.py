@@ -213,16 +213,30 @@ def tiled_predict(
         lo, hi = max(r0, off_y * s), min(r1, (off_y + H0) * s)
         if hi <= lo:
             return
-        a, b = lo - top, hi - top
-        vals = acc[:, a:b, off_x * s : (off_x + W0) * s] / wsum[a:b, off_x * s : (off_x + W0) * s].clamp_min(1e-12)
-        vals[:, wsum[a:b, off_x * s : (off_x + W0) * s] == 0] = 0
+        cols = slice(off_x * s, (off_x + W0) * s)
         if result is None:
             result = torch.zeros((acc.shape[0], H0 * s, W0 * s), dtype=torch.float32)
-        if isinstance(result, torch.Tensor):
-            result[:, lo - off_y * s : hi - off_y * s] = vals
-        else:
-            v = vals.numpy()
-            result[:, lo - off_y * s : hi - off_y * s, :] = v.astype(out_dtype) if out_dtype is not None else v
+        step = max(1, (1 << 20) // max(W0 * s, 1))  # row chunks: temporaries stay ~1M values, not band-sized
+        for a in range(lo - top, hi - top, step):
+            b = min(a + step, hi - top)
+            w = wsum[a:b, cols]
+            vals = acc[:, a:b, cols] / w.clamp_min(1e-12)
+            vals[:, w == 0] = 0
+            rows = slice(a + top - off_y * s, b + top - off_y * s)
+            if isinstance(result, torch.Tensor):
+                result[:, rows] = vals
+            else:
+                v = vals.numpy()
+                result[:, rows, :] = v.astype(out_dtype) if out_dtype is not None else v
+
+    def shift_up(buf: torch.Tensor, k: int) -> None:
+        """``buf[..., :n-k, :] = buf[..., k:, :]``, zero the last ``k`` rows: copied in disjoint blocks of
+        ``k`` rows, so no band-sized temporary is allocated."""
+        n = buf.shape[-2]
+        for r in range(0, n - k, k):
+            m = min(k, n - k - r)
+            buf[..., r : r + m, :] = buf[..., r + k : r + k + m, :]
+        buf[..., max(n - k, 0) :, :] = 0
 
     def flush_until(row: int) -> None:
         """Rows above ``row`` (padded output coords) are final: write them and slide the band."""
@@ -231,10 +245,8 @@ def tiled_predict(
             return
         write(top, min(row, top + band_h))
         k = min(row - top, band_h)
-        acc[:, : band_h - k] = acc[:, k:].clone()
-        acc[:, band_h - k :] = 0
-        wsum[: band_h - k] = wsum[k:].clone()
-        wsum[band_h - k :] = 0
+        shift_up(acc, k)
+        shift_up(wsum, k)
         top = row
 
     def batches() -> Iterator[list[tuple[int, int]]]:

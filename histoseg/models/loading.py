@@ -26,7 +26,11 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_task(path: str | Path, device: str | torch.device = "cpu", **overrides):
     """The LightningModule stored in a checkpoint, in eval mode, with its inference and post-processing
     settings (``overrides`` replace constructor arguments, e.g. ``inference={...}``)."""
-    ckpt = load_checkpoint(path)
+    return task_from_checkpoint(load_checkpoint(path), path, device, **overrides)
+
+
+def task_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device = "cpu", **overrides):
+    """:func:`load_task` for a checkpoint already read by :func:`load_checkpoint` (``path`` names it in errors)."""
     meta = ckpt["histoseg"]
     cfg = dict(meta["model_config"])
     kwargs = {"inference": meta.get("inference")}
@@ -41,5 +45,7 @@ def load_task(path: str | Path, device: str | torch.device = "cpu", **overrides)
     if net_missing or [k for k in unexpected if k.startswith("net.")]:
         raise DataError(f"{path}: checkpoint weights do not fit the stored model config (missing {net_missing[:3]})")
     task.on_load_checkpoint(ckpt)
+    if overrides.get("postprocess") is not None:  # on_load_checkpoint restored the stored one
+        task.postprocess = overrides["postprocess"]
     task.model_config = cfg
     return task.to(device).eval()

@@ -111,3 +111,12 @@ def task_wrapper(fn: Callable) -> Callable:
                 pass
 
     return wrap
+
+
+def check_mandatory(cfg: DictConfig) -> None:
+    """Fail first, naming every mandatory value (``???`` in the yaml) the command line left unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing mandatory value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=..."
+        )

@@ -48,6 +48,9 @@ class SegmentationTask(L.LightningModule):
         channels_last / compile: speed options (``torch.compile`` wraps the forward, weights stay plain).
         report_dir: where test writes ``per_image.csv`` / ``summary.json`` (default: the logger's dir).
         model_config: resolved config stored in checkpoints (set by ``histoseg.tasks.train``).
+
+    ``data_info`` (dataset ``name``, ``mpp``, ``class_names``) is taken from the trainer's datamodule at
+    setup and stored in checkpoints, so prediction knows the pixel size and evaluation the training split.
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class SegmentationTask(L.LightningModule):
         self.channels_last, self.compile_net = bool(channels_last), bool(compile)
         self.report_dir = report_dir
         self.model_config = model_config or {}
+        self.data_info: dict = {}
+        self.report_meta: dict = {}  # extra keys for summary.json (histoseg-eval: checkpoint, split)
         self._fwd = None
         self.metrics = nn.ModuleDict({f"{s}_metrics": SegMetrics(self.num_classes) for s in ("train", "val", "test")})
         self.val_loss = MeanMetric()
@@ -135,6 +140,10 @@ class SegmentationTask(L.LightningModule):
         return (seg.argmax(1) > 0).long()
 
     def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and dm is not None and hasattr(dm, "class_names"):
+            self.data_info = {"name": getattr(dm, "name", None), "mpp": getattr(dm, "mpp", None),
+                              "class_names": list(dm.class_names)}
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.compile_net and self._fwd is None:
@@ -272,7 +281,7 @@ class SegmentationTask(L.LightningModule):
         self.metrics["test_metrics"].reset()
         self.test_rows = []
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
         logits, preds = self._whole_image_step(batch, "test")
         maps = self.maps_from_raw(logits)
         post = self.postprocess(maps if self.heads else maps["probs"])
@@ -283,6 +292,7 @@ class SegmentationTask(L.LightningModule):
         if "instances" in batch and post["instances"] is not None:
             row.update(instance_scores(batch["instances"][0].numpy(), post["instances"]))
         self.test_rows.append(row)
+        return {"labels": post["labels"], "instances": post["instances"], "scores": row}  # for figure callbacks
 
     def on_test_epoch_end(self) -> None:
         rows = self.test_rows
@@ -295,7 +305,8 @@ class SegmentationTask(L.LightningModule):
             self.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
         if self.trainer.is_global_zero:
             out = Path(self.report_dir or (self.trainer.log_dir or self.trainer.default_root_dir))
-            write_report(rows, summary, out, extra={"postprocess": self.postprocess.config(), "inference": self.inference})
+            write_report(rows, summary, out, extra={"postprocess": self.postprocess.config(), "inference": self.inference,
+                                                    **self.report_meta})
             log.info("whole-image test report written to %s", out)
 
     # ------------------------------------------------------------------ optimisation
@@ -315,6 +326,7 @@ class SegmentationTask(L.LightningModule):
             "num_classes": self.num_classes,
             "inference": dict(self.inference),
             "postprocess": self.postprocess.config(),
+            "dataset": dict(self.data_info),
         }
         checkpoint["histoseg_rng"] = {"torch": torch.get_rng_state()}
 
@@ -325,6 +337,9 @@ class SegmentationTask(L.LightningModule):
         pp = checkpoint.get("histoseg", {}).get("postprocess")
         if pp:
             self.postprocess = PostProcessor(**pp)
+        stored = checkpoint.get("histoseg", {}).get("dataset")
+        if stored:
+            self.data_info = dict(stored)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -1,0 +1,234 @@
+"""``predict(cfg)``: segment new images with a trained checkpoint and report nucleus morphometry.
+
+``input`` is an image, a folder (images with one of ``extensions``; ``recursive=true`` descends) or a glob.
+For every image the pipeline is *read -> predict_one(image) -> write outputs*:
+
+* ``masks/<name>.png``: binary 0/255, or colour-coded for multiclass models (4 classes: tumour red,
+  non-tumour green, boundary blue, background black);
+* ``overlays/<name>.png``: outlines of the predicted nuclei / regions drawn on the image;
+* ``instances/<name>.png``: 16-bit instance map (``.tif`` with 32-bit ids above 65535 nuclei), when the
+  post-processing produces instances;
+* one row of ``report.csv``: size, foreground %, nuclei count, density per mm^2, mean / median area (pixels
+  and um^2), mean eccentricity and solidity, cellularity % (4-class models).
+
+Unreadable images do not stop the run: each is logged with its path and the reason, gets a row with
+``status=error`` and the message in ``error``, and ``histoseg-predict`` exits with status 1 after the
+other images are done. Every output file is written atomically (temp file + rename).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from histoseg.analysis.figures import overlay_contours
+from histoseg.analysis.morphometry import NUCLEI_KEYS, cellularity, nuclei_stats
+from histoseg.analysis.palette import colorize
+from histoseg.data.io import DataError, atomic_write_bytes, atomic_write_text, read_image, write_image
+from histoseg.tasks.restore import resolve_device, restore_task
+from histoseg.tasks.utils import ConfigError, check_mandatory, task_wrapper, write_run_metadata
+from histoseg.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+REPORT_COLUMNS = (
+    "image", "source", "status", "error", "height", "width", "mpp", "foreground_pct", *NUCLEI_KEYS,
+    "cellularity_pct", "mask", "overlay", "instances",
+)
+
+
+# ---------------------------------------------------------------------- inputs
+def resolve_inputs(spec: str, extensions: list[str], recursive: bool = False) -> list[Path]:
+    """The image files named by ``spec``: one file (taken as is), a folder (files with one of
+    ``extensions``) or a glob pattern (``**`` recurses). Raises :class:`DataError` if nothing matches."""
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = p.rglob("*") if recursive else p.iterdir()
+        files = sorted(f for f in found if f.is_file() and f.suffix.lower() in exts and not f.name.startswith("."))
+        what = f"folder {p} has no images with extensions {sorted(exts)}"
+    elif glob.has_magic(str(p)):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        what = f"glob {spec!r} matches no files"
+    else:
+        raise DataError(f"{p}: no such file or folder")
+    if not files:
+        raise DataError(what)
+    return files
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """Output name of each input: its stem; when stems collide, its path relative to the inputs' common
+    folder (``a/x.png``, ``b/x.png`` -> ``a_x``, ``b_x``), keeping the extension if still needed
+    (``x.png``, ``x.jpg`` -> ``x_png``, ``x_jpg``)."""
+    stems = [f.stem for f in files]
+    if len(set(stems)) == len(stems):
+        return stems
+    resolved = [f.resolve() for f in files]
+    root = Path(os.path.commonpath([str(f.parent) for f in resolved]))
+    rel = [f.relative_to(root) for f in resolved]
+    names = ["_".join(r.with_suffix("").parts) for r in rel]
+    if len(set(names)) != len(names):
+        names = ["_".join(r.parts).replace(".", "_") for r in rel]
+    return names
+
+
+def resolve_mpp(mpp: float | None, task, ckpt_path: str) -> float:
+    """Microns per pixel of the inputs: ``mpp`` if given, else the training dataset's (stored in the checkpoint)."""
+    if mpp is not None:
+        if not float(mpp) > 0:
+            raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp}")
+        return float(mpp)
+    stored = task.data_info.get("mpp")
+    if stored is None:
+        raise ConfigError(
+            f"mpp is unknown: {ckpt_path} does not store its training data's pixel size; pass mpp=<microns per "
+            "pixel of the input images> (about 0.25 at 40x, 0.5 at 20x)"
+        )
+    log.info("mpp %.4g from the checkpoint's training dataset %r", stored, task.data_info.get("name"))
+    return float(stored)
+
+
+# ---------------------------------------------------------------------- per image
+def make_predict_one(task, device) -> Callable[[np.ndarray], dict]:
+    """``image (HxWx3 uint8) -> {"probs", "labels", "instances"}``: the one model call per image.
+
+    This is the seam for longer pipelines (e.g. LR -> super-resolution -> segmentation): they wrap or
+    replace this function and keep the rest of :func:`predict`.
+    """
+    task.to(device).eval()
+
+    def predict_one(image: np.ndarray) -> dict:
+        return task.predict_image(image)
+
+    return predict_one
+
+
+def image_report(result: dict, mpp: float, num_classes: int, report_cfg) -> dict:
+    """Morphometry columns of one image's report row."""
+    labels, inst = result["labels"], result["instances"]
+    row: dict = {"foreground_pct": 100.0 * float((labels > 0).mean())}
+    if inst is not None:
+        row.update(nuclei_stats(inst, mpp))
+    if num_classes == 4:
+        row["cellularity_pct"] = cellularity(labels, report_cfg.tumour_classes, report_cfg.nucleus_classes)
+    return row
+
+
+def write_instances(folder: Path, name: str, inst: np.ndarray) -> Path:
+    """``<folder>/<name>.png`` as 16-bit PNG (ids up to 65535), else ``<name>.tif`` with 32-bit ids; atomic."""
+    if int(inst.max(initial=0)) <= np.iinfo(np.uint16).max:
+        path = folder / f"{name}.png"
+        write_image(path, inst.astype(np.uint16))
+        return path
+    import tifffile
+
+    path = folder / f"{name}.tif"
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, inst.astype(np.uint32), compression="zlib")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_outputs(name: str, image: np.ndarray, result: dict, out: Path, num_classes: int, save) -> dict:
+    """Mask, overlay and instance files of one image; returns their paths (relative to ``out``)."""
+    files: dict = {}
+    labels, inst = result["labels"], result["instances"]
+    if save.mask:
+        p = out / "masks" / f"{name}.png"
+        write_image(p, colorize(labels, num_classes))
+        files["mask"] = str(p.relative_to(out))
+    if save.overlay:
+        p = out / "overlays" / f"{name}.png"
+        write_image(p, overlay_contours(image, labels, num_classes, inst))
+        files["overlay"] = str(p.relative_to(out))
+    if save.instances and inst is not None:
+        files["instances"] = str(write_instances(out / "instances", name, inst).relative_to(out))
+    return files
+
+
+def write_report_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+# ---------------------------------------------------------------------- the run
+@task_wrapper
+def predict(cfg: DictConfig) -> tuple[dict, dict]:
+    """Predict every input image. Returns ``(summary, objects)``; ``summary`` has ``n_images``, ``n_ok``,
+    ``n_errors`` and ``errors`` (``[(path, message), ...]``); ``objects["rows"]`` are the report rows."""
+    check_mandatory(cfg)
+    out = Path(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    inputs = resolve_inputs(str(cfg.input), list(cfg.extensions), bool(cfg.recursive))
+    names = output_names(inputs)
+    task, _ = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, device="cpu")
+    mpp = resolve_mpp(cfg.mpp, task, cfg.ckpt_path)
+    if task.num_classes == 4:
+        try:
+            cellularity(np.zeros((1, 1), np.uint8), cfg.report.tumour_classes, cfg.report.nucleus_classes)
+        except ValueError as e:
+            raise ConfigError(f"report: {e}") from None
+    predict_one = make_predict_one(task, device)
+    write_run_metadata(cfg, out)
+    log.info("Predicting %d image(s) with %s into %s", len(inputs), cfg.ckpt_path, out)
+
+    rows: list[dict] = []
+    errors: list[tuple[str, str]] = []
+    try:
+        for path, name in tqdm(list(zip(inputs, names)), desc="predict", unit="image", disable=not cfg.progress):
+            row: dict = {"image": name, "source": str(path), "mpp": mpp}
+            try:
+                image = read_image(path)
+                result = predict_one(image)
+                row.update(height=image.shape[0], width=image.shape[1])
+                row.update(write_outputs(name, image, result, out, task.num_classes, cfg.save))
+                row.update(image_report(result, mpp, task.num_classes, cfg.report))
+                row["status"] = "ok"
+            except DataError as e:  # unreadable input: the message names the file
+                log.error("skipped: %s", e)
+                row.update(status="error", error=str(e))
+                errors.append((str(path), str(e)))
+            except Exception as e:  # anything else fails this image only; the traceback goes to the log
+                log.exception("%s: prediction failed", path)
+                msg = f"{path}: prediction failed ({type(e).__name__}: {e})"
+                row.update(status="error", error=msg)
+                errors.append((str(path), msg))
+            rows.append(row)
+    finally:
+        write_report_csv(rows, out / "report.csv")  # also after an interrupt: what was done is reported
+    summary = {"n_images": len(rows), "n_ok": len(rows) - len(errors), "n_errors": len(errors), "errors": errors}
+    log.info("%d of %d image(s) predicted; report: %s", summary["n_ok"], len(rows), out / "report.csv")
+    if errors:
+        log.error("%d image(s) failed:\n%s", len(errors), "\n".join(f"  {m}" for _, m in errors))
+    return summary, {"cfg": cfg, "model": task, "rows": rows, "report": out / "report.csv"}
+
+
+def run(cfg: DictConfig) -> None:
+    """Hydra entry (``histoseg-predict``): exits with status 1 if any input could not be processed."""
+    summary, objects = predict(cfg)
+    print(f"histoseg predict: {summary['n_ok']}/{summary['n_images']} image(s) done, report {objects['report']}",
+          flush=True)
+    if summary["n_errors"]:
+        raise SystemExit(1)
+

@@ -1,0 +1,96 @@
+"""histoseg-eval end to end: a checkpoint trained in the test, scored again by evaluate(cfg)."""
+import csv
+import json
+
+import cv2
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from histoseg.tasks.evaluate import evaluate
+from histoseg.tasks.train import train
+from histoseg.tasks.utils import ConfigError
+from tests.conftest import compose_cfg
+
+DATA = ["dataset=synthetic", "dataset.reader.n_train=4", "dataset.reader.n_val=2", "dataset.reader.n_test=3",
+        "dataset.reader.image_shape=[96,96]"]
+EVAL_BASE = [*DATA, "trainer.precision=32-true", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run (2 epochs, ~3 s): its best checkpoint and its own test metrics."""
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_cfg(out, "dataset.reader.n_test=3", "trainer.max_epochs=2", "dataset.samples_per_epoch=16",
+                      "optimizer.optimizer.lr=3e-3")
+    metrics, obj = train(cfg)
+    best = obj["trainer"].checkpoint_callback.best_model_path
+    return {"dir": out, "ckpt": best, "metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+def eval_cfg(tmp_path, *overrides):
+    return compose_cfg(tmp_path, *overrides, base=EVAL_BASE, config_name="eval")
+
+
+def test_eval_reproduces_the_training_test_and_writes_reports_and_figures(trained, tmp_path):
+    metrics, obj = evaluate(eval_cfg(tmp_path, f"ckpt_path={trained['ckpt']}"))
+    for k in ("test/dice", "test/iou", "test/acc", "test/aji", "test/pq"):
+        assert float(metrics[k]) == pytest.approx(trained["metrics"][k], abs=1e-6), k
+    rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
+    assert [r["case_id"] for r in rows] == ["syn-test-0000", "syn-test-0001", "syn-test-0002"]
+    assert {"dice", "iou", "acc", "aji", "aji_plus", "pq", "dq", "sq", "obj_f1"} <= set(rows[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_images"] == 3 and summary["split"] == "test" and summary["split_source"] == "checkpoint"
+    dice = [float(r["dice"]) for r in rows]
+    assert summary["mean"]["dice"] == pytest.approx(sum(dice) / 3, abs=1e-5)
+    assert summary["median"]["dice"] == pytest.approx(sorted(dice)[1], abs=1e-5)
+    assert summary["checkpoint"].endswith(".ckpt")
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert split["test"] == [r["case_id"] for r in rows]
+    figs = tmp_path / "figures" / "test"
+    assert sorted(p.name for p in figs.glob("*.png")) == sorted(
+        f"{r['case_id']}{suffix}.png" for r in rows for suffix in ("", "_overlay"))
+    img = cv2.imread(str(figs / "syn-test-0000.png"))
+    assert img is not None and img.shape[1] > 2 * img.shape[0]  # three panels side by side
+    assert cv2.imread(str(figs / "syn-test-0000_overlay.png")).shape[:2] == (96, 96)  # full resolution
+
+
+def test_eval_on_val_split_with_overrides_and_panel_cap(trained, tmp_path):
+    metrics, _ = evaluate(eval_cfg(tmp_path, f"ckpt_path={trained['ckpt']}", "split=val", "inference.tta=flip",
+                                   "postprocess.instances=none", "callbacks.figures.max_panels=1",
+                                   "callbacks.figures.overlays=false"))
+    rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
+    assert [r["case_id"] for r in rows] == ["syn-val-0000", "syn-val-0001"]
+    assert "aji" not in rows[0] and "test/aji" not in metrics  # no instances after the override
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["inference"]["tta"] == "flip" and summary["postprocess"]["instances"] == "none"
+    assert summary["inference"]["tile_shape"] == [64, 64]  # the rest kept from the checkpoint
+    assert [p.name for p in (tmp_path / "figures" / "test").glob("*.png")] == ["syn-val-0000.png"]
+
+
+def test_dataset_and_ckpt_path_are_mandatory(trained, tmp_path):
+    with pytest.raises(ConfigCompositionException, match="dataset"):
+        compose_cfg(tmp_path, f"ckpt_path={trained['ckpt']}", base=[], config_name="eval")
+    with pytest.raises(ConfigError, match=r"missing mandatory value\(s\): ckpt_path"):
+        evaluate(eval_cfg(tmp_path))
+
+
+def test_class_count_mismatch_is_one_clear_sentence(tmp_path):
+    from tests.helpers_ckpt import nearest_palette_colour, write_checkpoint
+
+    four = write_checkpoint(tmp_path / "four.ckpt", 4, nearest_palette_colour, {"instances": "none"})
+    with pytest.raises(ConfigError, match=r"four\.ckpt: the model has 4 classes but dataset 'synthetic' has 2"):
+        evaluate(eval_cfg(tmp_path, f"ckpt_path={four}"))
+
+
+def test_training_writes_curves_figure(trained):
+    png = trained["dir"] / "figures" / "curves.png"
+    assert png.is_file() and cv2.imread(str(png)) is not None
+    assert len(list((trained["dir"] / "figures" / "test").glob("*_overlay.png"))) == 3
+
+
+def test_checkpoint_stores_the_training_dataset_for_predict_and_eval(trained):
+    from histoseg.models.loading import load_checkpoint
+
+    ckpt = load_checkpoint(trained["ckpt"])  # weights_only=True
+    assert ckpt["histoseg"]["dataset"] == {"name": "synthetic", "mpp": 0.5, "class_names": ["background", "nucleus"]}
+    assert ckpt["HistoDataModule"]["split"]["test"] == ["syn-test-0000", "syn-test-0001", "syn-test-0002"]

@@ -1,0 +1,102 @@
+"""experiments/make_table.py regenerates the results tables from results.json files (fixture numbers)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "experiments" / "make_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+mt = load_script()
+MARKED = "# {title}\n\nintro stays\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nfooter stays\n"
+
+
+def project(tmp_path, results: dict[str, dict]) -> Path:
+    (tmp_path / "README.md").write_text(MARKED.format(title="project"))
+    for name, res in results.items():
+        d = tmp_path / "experiments" / name
+        d.mkdir(parents=True)
+        (d / "README.md").write_text(MARKED.format(title=name))
+        (d / "results.json").write_text(json.dumps(res))
+    return tmp_path
+
+
+FIXTURE = {
+    "dataset": "fixture_set",
+    "split": "fixture test split",
+    "command": ["python train.py experiment=fixture seed=0", "python train.py experiment=fixture seed=1"],
+    "hardware": "fixture hardware",
+    "budget": "fixture budget",
+    "seeds": [0, 1, 2],
+    "metrics": {"dice": {"per_seed": [0.5, 0.6, 0.7]}, "aji": {"per_seed": [0.2, 0.2, 0.2], "mean": 0.2}},
+    "source": {"system": "fixture seed", "metrics": {"dice": 0.55}},
+    "targets": {"dice": 0.55, "aji": 0.3},
+}
+
+
+def test_tables_are_regenerated_between_markers_only(tmp_path):
+    root = project(tmp_path, {"alpha": FIXTURE})
+    assert mt.main(["--root", str(root)]) == 0
+    readme = (root / "README.md").read_text()
+    assert readme.startswith("# project\n\nintro stays\n") and readme.endswith("footer stays\n")
+    assert "old table" not in readme
+    # mean and sample std computed from the per-seed values: 0.6 +- 0.1; Dice target hit, AJI missed
+    assert "| [alpha](experiments/alpha/) | fixture_set | fixture test split | dice | 0.600 ± 0.100 (n=3) | 0.550 | 0.550 ✓ |" in readme
+    assert "| aji | 0.200 ± 0.000 (n=3) |  | 0.300 ✗ |" in readme
+    exp = (root / "experiments" / "alpha" / "README.md").read_text()
+    assert "- dice: 0.500, 0.600, 0.700" in exp and "seeds 0, 1, 2" in exp
+    assert "Command: `python train.py experiment=fixture seed=0; python train.py experiment=fixture seed=1`" in exp
+    # idempotent, and --check agrees
+    assert mt.main(["--root", str(root), "--check"]) == 0
+    assert mt.update(root) == []
+
+
+def test_check_reports_stale_tables_without_writing(tmp_path):
+    root = project(tmp_path, {"alpha": FIXTURE})
+    before = (root / "README.md").read_text()
+    assert mt.main(["--root", str(root), "--check"]) == 1
+    assert (root / "README.md").read_text() == before
+
+
+def test_no_results_gives_a_placeholder(tmp_path):
+    (tmp_path / "README.md").write_text(MARKED.format(title="p"))
+    (tmp_path / "experiments").mkdir()
+    mt.update(tmp_path)
+    assert "No results yet" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("broken,message", [
+    ({"metrics": {}}, "metrics' must be a non-empty object"),
+    ({"metrics": {"dice": {"per_seed": [0.5, 0.6]}}}, "has 2 values for 3 seeds"),
+    ({"metrics": {"dice": {"per_seed": [0.5, 0.6, 0.7], "mean": 0.9}}}, r"mean = 0.9 but the per-seed values give 0.6000"),
+    ({"hardware": None}, None),
+])
+def test_malformed_results_name_the_file(tmp_path, broken, message):
+    res = {**FIXTURE, **broken}
+    if broken.get("hardware", 1) is None:
+        del res["hardware"]
+        message = r"missing key\(s\) \['hardware'\]"
+    root = project(tmp_path, {"beta": res})
+    with pytest.raises(mt.ResultsError, match=message) as e:
+        mt.update(root)
+    assert "beta/results.json" in str(e.value)
+    assert mt.main(["--root", str(root)]) == 2
+
+
+def test_missing_markers_is_an_error(tmp_path):
+    root = project(tmp_path, {"alpha": FIXTURE})
+    (root / "experiments" / "alpha" / "README.md").write_text("# no markers\n")
+    with pytest.raises(mt.ResultsError, match=r"alpha/README.md: needs exactly one"):
+        mt.update(root)
+
+
+def test_the_repository_tables_are_up_to_date():
+    assert mt.update(ROOT, check=True) == [], "run: python experiments/make_table.py"
