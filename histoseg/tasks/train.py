@@ -1,6 +1,8 @@
 """``train(cfg)``: build datamodule, task, callbacks, loggers and trainer from the config; fit; test."""
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import lightning as L
@@ -94,9 +96,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         lg.log_hyperparams({"model/params/total": sum(p.numel() for p in task.parameters())})
 
+    timing: dict[str, Any] = {}
     if cfg.get("train", True):
         log.info("Starting training")
+        t0 = time.perf_counter()
         trainer.fit(model=task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        timing.update(fit_s=round(time.perf_counter() - t0, 1), global_step=int(trainer.global_step),
+                      epochs=int(trainer.current_epoch))
     train_metrics = {k: v for k, v in trainer.callback_metrics.items()}
     tune_cfg = cfg.get("tune_postprocess")
     if tune_cfg and tune_cfg.get("enabled") and cfg.get("train", True) and task.postprocess.instances in ("watershed", "markers"):
@@ -111,10 +117,21 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         elif cfg.get("ckpt_path") and not cfg.get("train", True):
             ckpt = cfg.ckpt_path
         log.info("Testing on whole images with %s", ckpt or "the current weights")
+        t0 = time.perf_counter()
         trainer.test(model=task, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        timing["test_s"] = round(time.perf_counter() - t0, 1)
         test_metrics = {k: v for k, v in trainer.callback_metrics.items()}
 
     metrics = {**train_metrics, **test_metrics}
+    if timing and trainer.is_global_zero and cfg.get("paths", {}).get("output_dir"):
+        import json
+        import platform
+
+        from histoseg.data.io import atomic_write_text
+
+        timing.update(host=platform.node(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                      device=str(task.device), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+        atomic_write_text(f"{cfg.paths.output_dir}/timing.json", json.dumps(timing, indent=1))
     summary = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("val/", "test/"))}
     log.info("Final metrics: %s", summary)
     return metrics, objects

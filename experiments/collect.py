@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Write an experiment's ``results.json`` from the run folders that produced it (no hand-typed numbers).
+
+    python experiments/collect.py monuseg_instance --runs logs/exp/monuseg_instance/seed_* \
+        --metrics dice aji pq --hardware "2 CPU cores (x86_64)" --budget "2000 steps x 8 patches"
+
+Each run folder must hold ``summary.json`` (whole-image test metrics, written by the test step or
+``histoseg-eval``) and ``config.yaml`` (the resolved config: seed and command overrides are read from it and
+from ``.hydra/overrides.yaml`` when present). Fields already in an existing ``results.json`` that this
+script does not measure (``source``, ``targets``, ``notes``, ``split``) are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def run_info(run: Path, metrics: list[str]) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    ov = run / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(ov.read_text()) if ov.is_file() else None
+    missing = [m for m in metrics if m not in summary["mean"]]
+    if missing:
+        raise SystemExit(f"{run}/summary.json has no {missing}; it has {sorted(summary['mean'])}")
+    wall = None
+    tim = run / "timing.json"
+    if tim.is_file():
+        wall = json.loads(tim.read_text())
+    return {"seed": cfg.get("seed"), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
+            "overrides": overrides, "timing": wall}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help="experiment folder under experiments/")
+    ap.add_argument("--runs", nargs="+", required=True, type=Path)
+    ap.add_argument("--metrics", nargs="+", default=["dice", "aji", "pq"])
+    ap.add_argument("--dataset", required=False)
+    ap.add_argument("--split", required=False)
+    ap.add_argument("--hardware", required=True)
+    ap.add_argument("--budget", required=True)
+    ap.add_argument("--command", nargs="+", required=True, help="the command(s) that made the runs")
+    ap.add_argument("--out", default=None, help="results file name (default results.json)")
+    a = ap.parse_args(argv)
+    folder = Path(__file__).resolve().parent / a.name
+    out = folder / (a.out or "results.json")
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    runs = [run_info(r, a.metrics) for r in sorted(a.runs)]
+    res = dict(old)
+    res.update(
+        dataset=a.dataset or old.get("dataset") or a.name,
+        split=a.split or old.get("split", "test"),
+        command=a.command,
+        hardware=a.hardware,
+        budget=a.budget,
+        seeds=[r["seed"] for r in runs],
+        metrics={m: {"per_seed": [round(float(r["metrics"][m]), 6) for r in runs]} for m in a.metrics},
+        runs=[{"dir": str(p), "seed": r["seed"], "n_images": r["n_images"], "timing": r["timing"]} for p, r in zip(sorted(a.runs), runs)],
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
