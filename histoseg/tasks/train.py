@@ -106,7 +106,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     train_metrics = {k: v for k, v in trainer.callback_metrics.items()}
     tune_cfg = cfg.get("tune_postprocess")
     if tune_cfg and tune_cfg.get("enabled") and cfg.get("train", True) and task.postprocess.instances in ("watershed", "markers"):
+        t0 = time.perf_counter()
         tune_and_store(task, datamodule, trainer, tune_cfg)
+        timing["tune_s"] = round(time.perf_counter() - t0, 1)
 
     test_metrics: dict = {}
     if cfg.get("test", True):
