@@ -60,6 +60,14 @@ def test_generator_output_is_scale_times_larger(scale):
     assert y.shape == (2, 3, 12 * scale, 20 * scale) and torch.isfinite(y).all()
 
 
+def test_zero_tail_generator_is_the_bicubic_baseline():
+    net = SRGANGenerator(scale=4, width=8, depth=1, residual_mode="bicubic", tail_init_scale=0.0).eval()
+    lr = torch.rand(3, 10, 14)
+    torch.testing.assert_close(net(lr[None])[0].clamp(0, 1), bicubic_upsample(lr, 4))
+    with pytest.raises(ValueError, match="residual_mode must be"):
+        SRGANGenerator(residual_mode="nearest")
+
+
 def test_discriminator_gives_one_logit_per_image_of_any_size():
     from histoseg.models.registry import available_backbones, get_backbone_class
 
