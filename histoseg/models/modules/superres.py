@@ -355,6 +355,9 @@ class SuperResolutionTask(L.LightningModule):
             opts.append(d_opt)
             if self.d_scheduler_factory is not None:
                 scheds.append(self.d_scheduler_factory(optimizer=d_opt))
+        for sched in scheds:
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ValueError("ReduceLROnPlateau needs a metric; SRGAN steps its schedulers without one")
         return opts, scheds
 
     # ------------------------------------------------------------------ validation / test
