@@ -316,6 +316,16 @@ def test_pretraining_phase_steps_only_the_generator(make_cfg):
     assert [s["optimizer"] for s in rec.steps] == ["generator", "generator"]
 
 
+def test_srresnet_without_discriminator_trains_the_generator_alone(make_cfg):
+    metrics, obj = train(
+        make_cfg(
+            "trainer=debug", "model.discriminator=null", "model.loss_weights.adversarial=0", base=SR_TINY
+        )
+    )
+    assert len(obj["trainer"].optimizers) == 1
+    assert "train/pixel" in metrics and "train/adversarial" not in metrics and "train/d_loss" not in metrics
+
+
 def test_sr_debug_run_logs_psnr_beside_bicubic(make_cfg, tmp_path):
     metrics, obj = train(make_cfg("trainer=debug", base=SR_TINY))
     for k in (

@@ -4,7 +4,8 @@
   VGG-style adversary (``srgan_discriminator``; ``None`` trains a plain SRResNet with pixel/perceptual loss);
 * phase 1, the first ``pretrain_epochs`` epochs: the generator alone, pixel loss only (SRResNet
   pre-training, as in the paper and the source system); phase 2: alternating discriminator / generator
-  steps, generator loss = ``pixel`` + ``perceptual`` + ``adversarial`` terms weighted by ``loss_weights``;
+  steps, generator loss = ``pixel`` + ``perceptual`` + ``adversarial`` terms weighted by ``loss_weights``
+  (without a discriminator: pixel + perceptual, i.e. SRResNet);
 * mixed precision through Lightning's precision plugin (``self.manual_backward`` and
   ``LightningOptimizer.step``), gradient clipping in ``on_before_optimizer_step`` (after AMP unscaling),
   schedulers stepped manually (the discriminator's only in the adversarial phase);
@@ -214,7 +215,12 @@ class SuperResolutionTask(L.LightningModule):
 
     @property
     def in_pretraining(self) -> bool:
-        return self.discriminator is None or self.current_epoch < self.pretrain_epochs
+        """The first ``pretrain_epochs`` epochs: generator only, pixel loss only."""
+        return self.current_epoch < self.pretrain_epochs
+
+    @property
+    def adversarial(self) -> bool:
+        return self.discriminator is not None and not self.in_pretraining
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -254,27 +260,24 @@ class SuperResolutionTask(L.LightningModule):
         opts = self.optimizers()
         return (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
 
-    def _generator_loss(
-        self, sr: torch.Tensor, hr: torch.Tensor, adversarial: bool
-    ) -> tuple[torch.Tensor, dict]:
+    def _generator_loss(self, sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, dict]:
         terms = {"pixel": self.pixel_loss(sr, hr)}
-        if adversarial and self.use_perceptual:
+        if self.in_pretraining:
+            return terms["pixel"], terms
+        if self.use_perceptual:
             terms["perceptual"] = self.perceptual_loss(sr, hr)
-        if adversarial:
+        if self.adversarial:
             fake_logits = self.discriminator(sr)
             real_logits = (
                 self.discriminator(hr).detach() if self.adversarial_loss.needs_real_for_generator else None
             )
             terms["adversarial"] = self.adversarial_loss.generator_loss(fake_logits, real_logits)
-            loss = sum(self.loss_weights[k] * v for k, v in terms.items())
-        else:
-            loss = terms["pixel"]
-        return loss, terms
+        return sum(self.loss_weights[k] * v for k, v in terms.items()), terms
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         lr, hr = batch["lr"], batch["hr"]
         g_opt, d_opt = self._optimizers()
-        adversarial = not self.in_pretraining
+        adversarial = self.adversarial
         bs = hr.shape[0]
         sr = self.net(lr)
 
@@ -302,9 +305,9 @@ class SuperResolutionTask(L.LightningModule):
                 batch_size=bs,
             )
 
-        # generator step: the discriminator's parameters are frozen (toggle); gradients reach it only via sr
+        # generator step: the discriminator's parameters are frozen (toggle); gradients pass through it to sr
         with self.toggled_optimizer(g_opt):
-            g_loss, terms = self._generator_loss(sr, hr, adversarial)
+            g_loss, terms = self._generator_loss(sr, hr)
             self._check_finite(g_loss, "generator")
             g_opt.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
@@ -337,9 +340,9 @@ class SuperResolutionTask(L.LightningModule):
             conf.scheduler.step()
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/adversarial_phase", float(not self.in_pretraining))
+        self.log("train/adversarial_phase", float(self.adversarial))
         if self.scheduler_interval == "epoch":
-            self._step_schedulers(not self.in_pretraining)
+            self._step_schedulers(self.adversarial)
 
     def configure_optimizers(self):
         if self.g_optimizer_factory is None:
