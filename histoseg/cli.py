@@ -1,7 +1,7 @@
 """Console scripts. Each is a thin Hydra main over a function in ``histoseg.tasks``.
 
 ``histoseg-train`` = ``python train.py``; ``histoseg-eval`` (conf/eval.yaml); ``histoseg-predict``
-(conf/predict.yaml); ``histoseg-data <command> ...`` (conf/data.yaml).
+(conf/predict.yaml); ``histoseg-data <command> ...`` (conf/data.yaml); ``histoseg-sr-eval`` (conf/sr_eval.yaml).
 """
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def predict_main() -> None:
     from histoseg.tasks.predict import run
 
     hydra_entry("predict", run)
+
+
+def sr_eval_main() -> None:
+    """``histoseg-sr-eval sr_ckpt=... seg_ckpt=...``: the SR -> segmentation evaluation (conf/sr_eval.yaml)."""
+    from histoseg.tasks.superres import run
+
+    hydra_entry("sr_eval", run)
 
 
 def data_main() -> None:

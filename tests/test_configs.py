@@ -9,7 +9,7 @@ import torch
 from histoseg.utils.config import conf_dir
 
 CONF = conf_dir()
-GROUPS = ["dataset", "model", "loss", "aug", "optimizer", "trainer", "logger", "callbacks", "paths",
+GROUPS = ["dataset", "model", "loss", "aug", "optimizer", "trainer", "logger", "callbacks", "paths", "task", "degradation",
           "inference", "postprocess", "experiment", "hparams_search", "debug", "target"]
 
 

@@ -5,6 +5,7 @@ import os
 import time
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +31,14 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_task(cfg: DictConfig, datamodule=None):
-    """The LightningModule from ``cfg.model`` with loss, optimizer, scheduler, inference and post-processing."""
+    """The LightningModule from ``cfg.model`` with loss, optimizer, scheduler, inference and post-processing.
+
+    A LightningModule class that defines ``from_config(cfg)`` builds itself from the whole config
+    (e.g. :class:`~histoseg.models.modules.superres.SuperResolutionTask`, which owns two optimisers).
+    """
+    task_cls = hydra.utils.get_class(cfg.model._target_)
+    if hasattr(task_cls, "from_config"):
+        return task_cls.from_config(cfg)
     loss = build(cfg.loss, "loss") if cfg.get("loss") else None
     opt_cfg = cfg.get("optimizer")
     optimizer = build(opt_cfg.optimizer, "optimizer") if opt_cfg else None
@@ -63,6 +71,11 @@ def check_config(cfg: DictConfig) -> None:
     ps = cfg.get("patch_size")
     if ps is not None and int(ps) <= 0:
         raise ConfigError(f"patch_size must be positive, got {ps}")
+    if "degradation" in cfg.dataset and not hasattr(hydra.utils.get_class(cfg.model._target_), "from_config"):
+        raise ConfigError(
+            f"dataset {cfg.dataset.get('name')!r} is a super-resolution dataset (HR/LR pairs) but model "
+            f"{cfg.model._target_} segments; train it with task=sr"
+        )
     monitor = cfg.get("monitor")
     ckpt = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if ckpt and monitor and ckpt.get("monitor") not in (None, monitor):
@@ -83,7 +96,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule.prepare_data()
     datamodule.setup("fit")  # bad data and impossible patch sizes fail here, before training
 
-    log.info("Instantiating model <%s>", cfg.model.net.get("_target_"))
+    log.info("Instantiating model <%s>", (cfg.model.get("net") or cfg.model).get("_target_"))
     task = build_task(cfg, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -105,7 +118,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
                       epochs=int(trainer.current_epoch))
     train_metrics = {k: v for k, v in trainer.callback_metrics.items()}
     tune_cfg = cfg.get("tune_postprocess")
-    if tune_cfg and tune_cfg.get("enabled") and cfg.get("train", True) and task.postprocess.instances in ("watershed", "markers"):
+    post = getattr(task, "postprocess", None)
+    if tune_cfg and tune_cfg.get("enabled") and cfg.get("train", True) and post is not None and post.instances in ("watershed", "markers"):
         t0 = time.perf_counter()
         tune_and_store(task, datamodule, trainer, tune_cfg)
         timing["tune_s"] = round(time.perf_counter() - t0, 1)
@@ -173,6 +187,7 @@ def run(cfg: DictConfig) -> float | None:
     """Hydra entry: train and return ``optimized_metric`` (for sweepers)."""
     metrics, _ = train(cfg)
     value = get_metric_value(metrics, cfg.get("optimized_metric"))
-    shown = [k for k in ("val/dice", "test/dice", "test/aji") if k in metrics]
+    shown = [k for k in ("val/dice", "test/dice", "test/aji", "val/psnr", "val/psnr_bicubic", "test/psnr", "test/psnr_bicubic")
+             if k in metrics]
     print("histoseg result: " + ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown), flush=True)
     return value

@@ -48,8 +48,11 @@ class SRGANGenerator(nn.Module):
         width: trunk channels (64 in the paper).
         depth: number of residual blocks (16 in the paper).
         batch_norm: BatchNorm in residual blocks (SRGAN: yes; EDSR-style: no).
-        residual_input: for super-resolution, add the bilinearly up-sampled input to the output, so the
+        residual_input: for super-resolution, add the up-sampled input to the output, so the
             network learns the residual detail (faster, more stable early training).
+        residual_mode: interpolation of that up-sampled input: ``bilinear`` or ``bicubic``.
+        tail_init_scale: multiplies the initial weights of the output convolution; ``0`` with
+            ``residual_input`` makes the untrained generator exactly the interpolation baseline.
     """
 
     divisor = 1
@@ -63,12 +66,17 @@ class SRGANGenerator(nn.Module):
         depth: int = 16,
         batch_norm: bool = True,
         residual_input: bool = True,
+        residual_mode: str = "bilinear",
+        tail_init_scale: float = 1.0,
     ):
         super().__init__()
         if scale not in (1, 2, 4, 8):
             raise ValueError(f"scale must be 1, 2, 4 or 8, got {scale}")
         self.in_channels, self.num_classes, self.scale = in_channels, num_classes, scale
         self.residual_input = residual_input and scale > 1 and in_channels == num_classes
+        if residual_mode not in ("bilinear", "bicubic"):
+            raise ValueError(f"residual_mode must be 'bilinear' or 'bicubic', got {residual_mode!r}")
+        self.residual_mode = residual_mode
         self.head = nn.Sequential(nn.Conv2d(in_channels, width, 9, padding=4), nn.PReLU(width))
         self.trunk = nn.Sequential(*(ResidualBlock(width, batch_norm) for _ in range(depth)))
         self.trunk_tail = nn.Sequential(
@@ -76,6 +84,10 @@ class SRGANGenerator(nn.Module):
         )
         self.upsample = nn.Sequential(*(UpsampleBlock(width) for _ in range(int(math.log2(scale)))))
         self.tail = nn.Conv2d(width, num_classes, 9, padding=4)
+        if tail_init_scale != 1.0:
+            with torch.no_grad():
+                self.tail.weight.mul_(float(tail_init_scale))
+                self.tail.bias.mul_(float(tail_init_scale))
         self.out_features = width
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -86,5 +98,5 @@ class SRGANGenerator(nn.Module):
         h = self.features(x)[-1]
         out = self.tail(self.upsample(h))
         if self.residual_input:
-            out = out + nn.functional.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+            out = out + nn.functional.interpolate(x, scale_factor=self.scale, mode=self.residual_mode, align_corners=False)
         return out

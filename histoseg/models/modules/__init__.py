@@ -1,3 +1,4 @@
 from histoseg.models.modules.segmentation import SegmentationTask
+from histoseg.models.modules.superres import SuperResolutionTask
 
-__all__ = ["SegmentationTask"]
+__all__ = ["SegmentationTask", "SuperResolutionTask"]
