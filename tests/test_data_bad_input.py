@@ -245,3 +245,18 @@ def test_epithelium_single_image_refuses_when_regions_are_disabled(tmp_path):
     dm = HistoDataModule(reader, name="epithelium", num_classes=2, patch_size=32, split=dict(SPLIT))
     with pytest.raises(DataError, match=r"the val split is empty"):
         dm.setup("fit")
+
+
+def test_exact_discs_are_centred_on_sub_pixel_points_and_opencv_on_rounded_ones():
+    """BreCaHAD points come at half-pixel precision: exact discs keep it, the seed's cv2.circle rounds it."""
+    from histoseg.data.readers.brecahad import draw_discs
+
+    r = 16.0
+    for x, y in ((40.5, 30.5), (40.25, 30.75), (41.0, 29.0)):
+        exact, inst = draw_discs((80, 90), [(1, np.array([[x, y]]))], r, "exact")
+        seed, _ = draw_discs((80, 90), [(1, np.array([[x, y]]))], r, "opencv")
+        ys, xs = np.nonzero(exact)
+        assert abs(xs.mean() - x) < 0.01 and abs(ys.mean() - y) < 0.01
+        assert abs(exact.sum() - np.pi * r * r) / (np.pi * r * r) < 0.01 and inst.max() == 1
+        ys, xs = np.nonzero(seed)
+        assert (xs.mean(), ys.mean()) == (round(x), round(y))

@@ -140,3 +140,32 @@ def test_datamodule_trains_from_the_store(tmp_path, nuclei):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["instances"].dtype == torch.int32
     assert set(batch["case_id"]) <= set(dm.split["train"])
+
+
+def test_partial_instance_maps_are_flagged_per_patch(tmp_path, nuclei):
+    """MoNuSeg-like: only some images have instance maps; their patches carry them, the others give None."""
+
+    class Partial(DSB2018Reader):
+        def read(self, case_id):
+            s = super().read(case_id)
+            if case_id in ("id1", "id3"):
+                s.instances = None
+            return s
+
+    part = Partial(nuclei.root)
+    part.name = nuclei.name
+    ps = store(tmp_path, patches_per_image=3)
+    src = ps.source(ps.ensure(part, part.case_ids()))
+    assert src.has_instances
+    with h5py.File(src.path, "r") as f:
+        assert f["instance_known"][:].tolist() == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
+    got = {"with": 0, "without": 0}
+    for seed in range(40):
+        img, mask, inst, cid = src.patch(np.random.default_rng(seed), (24, 24))
+        if cid in ("id1", "id3"):
+            assert inst is None
+            got["without"] += 1
+        else:
+            assert np.array_equal(inst > 0, mask > 0)
+            got["with"] += 1
+    assert got["with"] and got["without"]

@@ -5,8 +5,9 @@
 regions are trained on too) into ``<dir>/<reader>-<key>.h5``:
 
 * datasets ``image`` ``(N, h, w, 3)`` uint8, ``mask`` ``(N, h, w)`` uint8, ``instances`` ``(N, h, w)`` int32 (when
-  every image has an instance map) and ``case_index`` ``(N,)``, chunked one patch per chunk and compressed with
-  ``compression`` (``gzip`` / ``lzf`` / ``None``);
+  any image has an instance map; ``instance_known`` ``(N,)`` flags the patches whose image has one, as
+  ``InMemorySource`` returns ``None`` for the others) and ``case_index`` ``(N,)``, chunked one patch per chunk and
+  compressed with ``compression`` (``gzip`` / ``lzf`` / ``None``);
 * attribute ``histoseg``: JSON metadata: format version, store parameters, the reader's name and settings, the
   case ids and the SHA-256 fingerprint of their source files (``Reader.fingerprint``).
 
@@ -35,7 +36,7 @@ from histoseg.data.io import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 
 
 def reader_settings(reader) -> dict:
@@ -160,23 +161,20 @@ class PatchStore:
                 images = f.create_dataset("image", (n, ph, pw, 3), np.uint8, chunks=(1, ph, pw, 3), **kw)
                 masks = f.create_dataset("mask", (n, ph, pw), np.uint8, chunks=(1, ph, pw), **kw)
                 case_index = f.create_dataset("case_index", (n,), np.int32)
+                known = f.create_dataset("instance_known", (n,), bool)  # patch comes from an image with instances
                 inst_ds = None
                 it = list(enumerate(ids))
                 if self.progress:
                     from rich.progress import track
 
                     it = track(it, description=f"patch store {path.name}", transient=True)
-                has_instances = True
                 for i, cid in it:
                     s = by_id.get(cid) or reader.read(cid)
                     if s.mask is None:
                         raise DataError(f"{s.source}: image has no mask; cannot store training patches")
-                    if i == 0:
-                        has_instances = s.instances is not None
-                        if has_instances:
-                            inst_ds = f.create_dataset("instances", (n, ph, pw), np.int32, chunks=(1, ph, pw), **kw)
-                    elif has_instances and s.instances is None:
-                        raise DataError(f"{s.source}: has no instance map but earlier images have; cannot mix")
+                    if s.instances is not None and inst_ds is None:  # created on the first image that has them
+                        inst_ds = f.create_dataset("instances", (n, ph, pw), np.int32, chunks=(1, ph, pw),
+                                                   fillvalue=0, **kw)
                     img, mask, inst = self._padded(s)
                     h, w = mask.shape
                     if h < ph or w < pw:
@@ -191,9 +189,11 @@ class PatchStore:
                         k = i * self.patches_per_image + j
                         images[k] = img[y : y + ph, x : x + pw]
                         masks[k] = mask[y : y + ph, x : x + pw]
-                        if inst_ds is not None:
+                        if inst is not None:
                             inst_ds[k] = inst[y : y + ph, x : x + pw]
-                    case_index[i * self.patches_per_image : (i + 1) * self.patches_per_image] = i
+                    rows = slice(i * self.patches_per_image, (i + 1) * self.patches_per_image)
+                    case_index[rows] = i
+                    known[rows] = inst is not None
                 done = {**meta, "complete": True, "n_patches": n, "has_instances": inst_ds is not None}
                 f.attrs["histoseg"] = json.dumps(done)
             os.replace(tmp, path)
@@ -257,7 +257,7 @@ class PatchStoreSource:
         f = self._file()
         sl = (i, slice(y, y + ph), slice(x, x + pw))
         image, mask = f["image"][sl], f["mask"][sl]
-        inst = f["instances"][sl] if self.has_instances else None
+        inst = f["instances"][sl] if self.has_instances and f["instance_known"][i] else None
         return image, mask, inst, self.case_ids[int(f["case_index"][i])]
 
     def close(self) -> None:

@@ -91,8 +91,8 @@ def draw_discs(
 
     Returns ``(mask uint8, instances int32)``; later discs overwrite earlier ones. ``method='exact'``
     fills the pixels whose centre lies within ``radius`` of the (sub-pixel) point; ``'opencv'`` reproduces
-    the seed's ``cv2.circle(..., thickness=-1)`` at the rounded centre (about 7% larger than pi r^2 at
-    r = 16 and not centred on the point).
+    the seed's ``cv2.circle(..., thickness=-1)`` at the centre rounded to a whole pixel (so up to half a
+    pixel off the annotated point).
     """
     h, w = shape
     mask = np.zeros((h, w), np.uint8)
