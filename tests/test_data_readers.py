@@ -20,14 +20,14 @@ from histoseg.tasks.train import build_datamodule
 
 pytestmark = pytest.mark.data
 
-# dataset -> (num_classes, training batches carry instances, whole-image (H, W) of a val item or None if mixed)
+# dataset -> (num_classes, training images with instance maps: all / some / none, val item (H, W) or None if mixed)
 EXPECT = {
-    "epithelium": (2, False, (500, 500)),
-    "brecahad": (2, True, (1024, 1360)),
-    "nuclei": (2, True, None),
-    "monuseg": (2, False, (1000, 1000)),  # only 13 of 30 training images have instance maps
-    "tcia_nuclei": (2, True, (256, 256)),
-    "cellularity": (4, False, (1024, 1360)),
+    "epithelium": (2, "none", (500, 500)),
+    "brecahad": (2, "all", (1024, 1360)),
+    "nuclei": (2, "all", None),
+    "monuseg": (2, "some", (1000, 1000)),  # only 13 of the 30 kit training images have instance maps
+    "tcia_nuclei": (2, "all", (256, 256)),
+    "cellularity": (4, "none", (1024, 1360)),
 }
 FAST = ["dataset.batch_size=4", "dataset.samples_per_epoch=8", "patch_size=128",
         "dataset.patch_store.patches_per_image=4"]
@@ -51,10 +51,16 @@ def test_datamodule_batches_and_splits(make_cfg, data_dir, tmp_path, name):
     assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
     assert batch["mask"].dtype == torch.int64 and batch["mask"].shape == (4, 128, 128)
     assert set(batch["mask"].unique().tolist()) <= set(range(k))
-    assert ("instances" in batch) == has_inst
-    if has_inst:
+    have = [s.instances is not None for s in dm._read(dm.split["train"])]
+    assert {"all": all(have), "none": not any(have), "some": any(have) and not all(have)}[has_inst]
+    if has_inst == "none":
+        assert "instances" not in batch
+    if has_inst == "all":
         assert batch["instances"].dtype == torch.int32
         assert torch.equal(batch["instances"] > 0, batch["mask"] > 0)
+    if "instances" in batch:  # partial maps: patches of images without one carry zeros (or no key at all)
+        assert batch["instances"].dtype == torch.int32
+        assert not ((batch["instances"] > 0) & (batch["mask"] == 0)).any()
     split = dm.split
     assert set(batch["case_id"]) <= set(split["train"])
     # every class occurs in the training masks (binary: both; cellularity: all four)
