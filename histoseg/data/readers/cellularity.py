@@ -278,7 +278,7 @@ def build_cellularity_from_brecahad(
         old = json.loads(meta_path.read_text())
         if not overwrite and old.get("params") == params and old.get("source_fingerprint") == fingerprint:
             return out
-        log.info("cellularity: %s is stale (parameters or BreCaHAD files changed); rebuilding", out)
+        log.info("cellularity: rebuilding %s (%s)", out, "forced" if overwrite else "parameters or BreCaHAD files changed")
 
     groups = {cid: src.group_of(cid) for cid in ids}
     uniq = sorted(set(groups.values()))
