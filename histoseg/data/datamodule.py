@@ -104,6 +104,7 @@ class HistoDataModule(L.LightningDataModule):
             from histoseg.data.download import ensure_dataset
 
             ensure_dataset(self.reader)
+        self.reader.prepare()
 
     def _read(self, ids: list[str]) -> list[Sample]:
         out = []

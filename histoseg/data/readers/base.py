@@ -99,6 +99,11 @@ class Reader(ABC):
     def check(self, case_ids: list[str]) -> None:
         """Cheap validation at setup (before training): default reads nothing. Readers override."""
 
+    def prepare(self) -> None:
+        """Build derived files the reader needs (called once by ``HistoDataModule.prepare_data``, after any
+        download). Default: nothing. Must be atomic and reuse an up-to-date result."""
+        return None
+
     def fingerprint(self, case_ids: list[str]) -> str:
         """SHA-256 over the source files' content of the given cases (for cache validity)."""
         h = hashlib.sha256(self.name.encode())

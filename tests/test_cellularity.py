@@ -1,0 +1,188 @@
+"""Cellularity colour codec (round trip, JPEG tolerance) and the BreCaHAD -> cellularity builder on tiny inputs."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from histoseg.data import DataError
+from histoseg.data.readers.cellularity import (
+    PALETTE,
+    CellularityReader,
+    build_cellularity_from_brecahad,
+    cellularity_of,
+    decode_cellularity_mask,
+    encode_cellularity_mask,
+)
+
+
+def random_labels(seed: int = 0, shape=(160, 200)) -> np.ndarray:
+    """Nuclei-like class map: boundary rings around tumour / non-tumour discs on background."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.uint8)
+    for _ in range(40):
+        y, x, r = int(rng.integers(0, shape[0])), int(rng.integers(0, shape[1])), int(rng.integers(5, 12))
+        ring = np.zeros(shape, np.uint8)
+        cv2.circle(ring, (x, y), r + 3, 1, -1)
+        lab[(ring > 0) & (lab == 0)] = 3
+        cv2.circle(lab, (x, y), r, int(rng.integers(1, 3)), -1)
+    return lab
+
+
+def test_encode_decode_round_trip_is_exact():
+    lab = random_labels()
+    assert set(np.unique(lab)) == {0, 1, 2, 3}
+    rgb = encode_cellularity_mask(lab)
+    assert rgb.dtype == np.uint8 and rgb.shape == (*lab.shape, 3)
+    assert tuple(rgb[lab == 1][0]) == (255, 0, 0) and tuple(rgb[lab == 2][0]) == (0, 255, 0)
+    assert tuple(rgb[lab == 3][0]) == (0, 0, 255) and tuple(rgb[lab == 0][0]) == (0, 0, 0)
+    np.testing.assert_array_equal(decode_cellularity_mask(rgb), lab)
+
+
+@pytest.mark.parametrize("quality", [50, 75, 95])
+def test_decode_tolerates_jpeg_noise(quality):
+    lab = random_labels(1)
+    ok, enc = cv2.imencode(".jpg", cv2.cvtColor(encode_cellularity_mask(lab), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    noisy = cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert (np.abs(noisy.astype(int) - encode_cellularity_mask(lab)).max()) > 100  # really noisy at edges
+    got = decode_cellularity_mask(noisy)
+    # chroma subsampling moves class edges by a pixel; class interiors must decode exactly
+    interior = cv2.erode((lab[..., None] == np.arange(4)).astype(np.uint8), np.ones((5, 5), np.uint8)).any(-1)
+    assert (got[interior] == lab[interior]).all()
+    assert (got == lab).mean() > 0.95
+
+
+def test_decode_rejects_wide_off_palette_regions_but_not_specks():
+    rgb = encode_cellularity_mask(random_labels(2))
+    speck = rgb.copy()
+    speck[10:12, 10:12] = (255, 255, 255)  # 2x2 white speck: noise-like, snapped to the nearest colour
+    decode_cellularity_mask(speck)
+    blob = rgb.copy()
+    blob[50:70, 50:70] = (255, 0, 255)  # 20x20 magenta region: an unknown class colour
+    with pytest.raises(DataError, match=r"mask.png: .* not in the cellularity palette .*\(255, 0, 255\)"):
+        decode_cellularity_mask(blob, source="mask.png")
+    with pytest.raises(DataError, match="expected a colour"):
+        decode_cellularity_mask(np.zeros((4, 4), np.uint8))
+
+
+def test_encode_rejects_values_outside_the_classes():
+    with pytest.raises(ValueError, match=r"values \[7\] outside 0..3"):
+        encode_cellularity_mask(np.full((3, 3), 7, np.uint8))
+
+
+def test_cellularity_is_tumour_over_all_nucleus_area():
+    lab = np.zeros((10, 10), np.uint8)
+    lab[:3] = 1  # 30 tumour
+    lab[3:4] = 2  # 10 non-tumour
+    lab[9] = 3  # boundary does not count
+    assert cellularity_of(lab) == pytest.approx(30 / 40)
+    assert np.isnan(cellularity_of(np.zeros((4, 4), np.uint8)))
+
+
+# ---------------------------------------------------------------------------------------------- builder
+def tiny_brecahad(root: Path) -> dict[str, dict]:
+    """Three cases, one image each, with known points (normalised)."""
+    pts = {
+        "Case_1-01": {"tumor": [(0.25, 0.25)], "mitosis": [(0.75, 0.25)], "non_tumor": [(0.25, 0.75)],
+                      "apoptosis": [(0.75, 0.75)], "lumen": [(0.5, 0.5)], "non_lumen": []},
+        "Case_2-01": {"tumor": [(0.3, 0.3), (0.6, 0.6)], "mitosis": [], "non_tumor": [], "apoptosis": [],
+                      "lumen": [], "non_lumen": []},
+        "Case_3-01": {"tumor": [], "mitosis": [], "non_tumor": [(0.5, 0.5)], "apoptosis": [], "lumen": [],
+                      "non_lumen": []},
+    }
+    (root / "images").mkdir(parents=True)
+    (root / "groundTruth").mkdir()
+    for i, (cid, p) in enumerate(pts.items()):
+        img = np.random.default_rng(i).integers(0, 255, (80, 120, 3), dtype=np.uint8)
+        cv2.imwrite(str(root / "images" / f"{cid}.png"), img)
+        js = {k: [{"x": x, "y": y} for x, y in v] for k, v in p.items()}
+        (root / "groundTruth" / f"{cid}.json").write_text(json.dumps(js))
+    return pts
+
+
+def test_builder_writes_the_seed_layout_with_true_cellularity(tmp_path):
+    pts = tiny_brecahad(tmp_path / "brecahad")
+    out = build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", radius=6, ring_width=2,
+                                          test_fraction=0.34, seed=0, progress=False)
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "cellularity.csv"))}
+    assert set(rows) == set(pts)
+    assert sum(r["split"] == "test" for r in rows.values()) == 1
+    reader = CellularityReader(out)
+    for cid, r in rows.items():
+        split = r["split"]
+        assert (out / split / "input" / f"{cid}.png").is_file() and (out / split / "gt" / f"{cid}_gt.png").is_file()
+        s = reader.read(cid)
+        h, w = s.mask.shape
+        at = {k: [s.mask[int(round(y * h)), int(round(x * w))] for x, y in v] for k, v in pts[cid].items()}
+        assert all(v == 1 for v in at["tumor"] + at["mitosis"])
+        assert all(v == 2 for v in at["non_tumor"] + at["apoptosis"])  # apoptosis -> non-tumour by default
+        assert all(v == 0 for v in at["lumen"])  # tubule points are not nuclei
+        assert int(r["n_tumour"]) == len(pts[cid]["tumor"]) + len(pts[cid]["mitosis"])
+        assert int(r["n_non_tumour"]) == len(pts[cid]["non_tumor"]) + len(pts[cid]["apoptosis"])
+        assert int(r["tumour_px"]) == int((s.mask == 1).sum()) and int(r["boundary_px"]) == int((s.mask == 3).sum())
+        # every point sits on an integer pixel here, and 113 pixel centres lie within 6 px of a pixel centre
+        assert int(r["tumour_px"]) == 113 * int(r["n_tumour"])
+        if r["cellularity"]:
+            assert float(r["cellularity"]) == pytest.approx(cellularity_of(s.mask), abs=1e-6)
+        else:
+            assert np.isnan(cellularity_of(s.mask))
+    assert rows["Case_2-01"]["cellularity"] == "1.000000" and rows["Case_3-01"]["cellularity"] == "0.000000"
+    assert float(rows["Case_1-01"]["cellularity"]) == pytest.approx(0.5)
+    assert reader.group_of("Case_1-01") == "Case_1"
+
+
+def test_builder_reuses_fresh_output_and_rebuilds_stale(tmp_path):
+    tiny_brecahad(tmp_path / "brecahad")
+    kw = dict(radius=6, ring_width=2, test_fraction=0.34, progress=False)
+    out = build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", **kw)
+    stamp = (out / "build.json").stat().st_mtime_ns
+    build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", **kw)
+    assert (out / "build.json").stat().st_mtime_ns == stamp  # reused
+    build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", **{**kw, "ring_width": 0})
+    assert json.loads((out / "build.json").read_text())["params"]["ring_width"] == 0
+    assert not any((CellularityReader(out).read(c).mask == 3).any() for c in CellularityReader(out).case_ids())
+    # the source changes -> rebuilt; nothing but the finished folder is left beside it
+    js = tmp_path / "brecahad" / "groundTruth" / "Case_2-01.json"
+    js.write_text(json.dumps({"tumor": [], "non_tumor": [{"x": 0.5, "y": 0.5}]}))
+    build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", **{**kw, "ring_width": 0})
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "cellularity.csv"))}
+    assert rows["Case_2-01"]["n_tumour"] == "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brecahad", "cell"]
+
+
+def test_builder_never_touches_a_folder_it_did_not_build(tmp_path):
+    tiny_brecahad(tmp_path / "brecahad")
+    mine = tmp_path / "my_set"
+    (mine / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="exists but was not built by histoseg"):
+        build_cellularity_from_brecahad(tmp_path / "brecahad", mine, progress=False)
+    assert (mine / "train").is_dir()
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    import histoseg.data.readers.cellularity as cell
+
+    tiny_brecahad(tmp_path / "brecahad")
+    calls = {"n": 0}
+    real = cell.write_image
+
+    def failing(path, arr):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(path, arr)
+
+    monkeypatch.setattr(cell, "write_image", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brecahad"]
+
+
+def test_palette_order_is_background_tumour_non_tumour_boundary():
+    assert PALETTE.tolist() == [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    assert CellularityReader.class_names == ("background", "tumour", "non_tumour", "boundary")
