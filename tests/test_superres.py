@@ -590,8 +590,5 @@ def test_sr_eval_rejects_swapped_checkpoints(tmp_path, seg_ckpt):
 # ---------------------------------------------------------------------- real data
 @pytest.mark.data
 def test_train_sr_tcia_nuclei_debug(make_cfg, data_dir):
-    pytest.importorskip(
-        "histoseg.data.readers.tcia_nuclei", reason="the TCIA reader is written on another branch"
-    )
     metrics, _ = train(make_cfg("dataset=sr_tcia_nuclei", "trainer=debug", "patch_size=64", base=SR_TINY[:7]))
     assert "val/psnr" in metrics and "val/psnr_bicubic" in metrics

@@ -119,7 +119,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     train_metrics = {k: v for k, v in trainer.callback_metrics.items()}
     tune_cfg = cfg.get("tune_postprocess")
     post = getattr(task, "postprocess", None)
-    if tune_cfg and tune_cfg.get("enabled") and cfg.get("train", True) and post is not None and post.instances in ("watershed", "markers"):
+    if (
+        tune_cfg
+        and tune_cfg.get("enabled")
+        and cfg.get("train", True)
+        and not trainer.fast_dev_run
+        and post is not None
+        and post.instances in ("watershed", "markers")
+    ):
         t0 = time.perf_counter()
         tune_and_store(task, datamodule, trainer, tune_cfg)
         timing["tune_s"] = round(time.perf_counter() - t0, 1)
@@ -160,6 +167,7 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
     from histoseg.inference.tuning import store_postprocess, tune_postprocess
 
     samples = [s for s in (datamodule.val_set.samples if datamodule.val_set else []) if s.instances is not None]
+    samples = samples[: tune_cfg.get("max_images") or None]
     if not samples:
         log.warning("no validation image has an instance map: post-processing thresholds stay as configured")
         return
