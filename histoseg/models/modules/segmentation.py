@@ -251,7 +251,8 @@ class SegmentationTask(L.LightningModule):
         self.metrics["train_metrics"].reset()
 
     def _whole_image_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.predict_logits(batch["image"][0]).unsqueeze(0)
+        overrides = dict(self.inference.get("val") or {}) if stage == "val" else {}
+        logits = self.predict_logits(batch["image"][0], **overrides).unsqueeze(0)
         target = batch["mask"].cpu()
         if self.loss_fn is not None and stage == "val" and not self.heads:
             self.val_loss.update(self.loss_fn(logits, target).to(self.device))
