@@ -10,12 +10,19 @@ Memory: tiles are accumulated into a horizontal *band* buffer (tile height plus 
 span) that is normalised and flushed to ``out`` as soon as no later tile can touch it. Peak memory is
 therefore the tile batch plus ``O(width x tile height)``, independent of the image height; pass an
 ``np.memmap``/``zarr``/``h5py`` array as ``out`` (and a memmap as the image) to keep huge images off RAM.
+
+Whole-slide images (``histoseg.wsi``) use three hooks of the same function: ``image`` may be any
+:class:`TileSource` (an object that reads tiles on demand, e.g. from a pyramidal slide), ``region`` restricts
+the work to a window of the full image's tile grid (so a slide is processed block by block with the output
+of each block identical to a whole-image run), and ``read_batches`` lets a ``DataLoader`` read the tiles in
+worker processes.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -24,6 +31,20 @@ from tqdm.auto import tqdm
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 TTA_MODES = ("none", "flip", "d4")
+TilePosition = tuple[int, int]
+BatchReader = Callable[[list[list[TilePosition]]], Iterable[torch.Tensor]]
+
+
+@runtime_checkable
+class TileSource(Protocol):
+    """An image read tile by tile: ``h``, ``w``, ``c`` (pixels, channels) and ``tile(y, x, th, tw)`` returning
+    a ``(c, th, tw)`` float tensor in [0, 1] (uint8 tensors are scaled by ``tiled_predict``)."""
+
+    h: int
+    w: int
+    c: int
+
+    def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor: ...
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
@@ -139,6 +160,60 @@ def _pad_small(src: _ImageSource, th: int, tw: int, border: int, mode: str):
     return _ImageSource(padded[0], None), (pads[2], pads[0])
 
 
+def _as_source(image, channels_last: bool | None):
+    if isinstance(image, (np.ndarray, torch.Tensor)) or not isinstance(image, TileSource):
+        return _ImageSource(image, channels_last)
+    return image
+
+
+def _group_tiles(tiles: list[TilePosition], batch_size: int, row_index: dict[int, int], max_rows: int):
+    """Consecutive batches of at most ``batch_size`` tiles spanning at most ``max_rows`` tile rows (so a batch
+    always fits the band buffer, also when ``tile_filter`` leaves gaps between the tiles it keeps)."""
+    groups: list[list[TilePosition]] = []
+    for t in tiles:
+        g = groups[-1] if groups else None
+        if g is None or len(g) >= batch_size or row_index[t[0]] - row_index[g[0][0]] >= max_rows:
+            groups.append([t])
+        else:
+            g.append(t)
+    return groups
+
+
+def _plan(h: int, w: int, th: int, tw: int, overlap: float, batch_size: int, region: tuple[int, int, int, int],
+          tile_filter, offset: tuple[int, int]):
+    """Tile grid of an ``h x w`` (padded) image, the rows / columns overlapping ``region``, the kept tiles in
+    batches, and the tile rows one batch may span. ``tile_filter`` sees unpadded coordinates (``offset``)."""
+    ry0, ry1, rx0, rx1 = region
+    ys_all, xs_all = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    ys = [y for y in ys_all if y < ry1 and y + th > ry0]
+    xs = [x for x in xs_all if x < rx1 and x + tw > rx0]
+    tiles = [(y, x) for y in ys for x in xs]
+    if tile_filter is not None:
+        tiles = [(y, x) for (y, x) in tiles if tile_filter(y - offset[0], x - offset[1], th, tw)]
+    rows_per_batch = math.ceil(batch_size / max(len(xs), 1)) + 1
+    groups = _group_tiles(tiles, batch_size, {y: i for i, y in enumerate(ys)}, rows_per_batch)
+    return ys_all, ys, xs, groups, rows_per_batch
+
+
+def tile_batches(
+    shape: Sequence[int],
+    tile_shape: Sequence[int],
+    overlap: float,
+    batch_size: int,
+    region: Sequence[int] | None = None,
+    tile_filter: Callable[[int, int, int, int], bool] | None = None,
+) -> list[list[TilePosition]]:
+    """The batches of tile positions ``(y, x)`` that :func:`tiled_predict` visits, in order, for an image of
+    ``shape`` (at least one tile; no ``border_pad``) with the same arguments: what a ``read_batches`` reader
+    will be asked for, so a loader can be planned over many calls."""
+    th, tw = int(tile_shape[0]), int(tile_shape[1])
+    h, w = int(shape[0]), int(shape[1])
+    if h < th or w < tw:
+        raise ValueError(f"image {h}x{w} is smaller than one tile {th}x{tw}")
+    y0, y1, x0, x1 = (0, h, 0, w) if region is None else (int(v) for v in region)
+    return _plan(h, w, th, tw, overlap, batch_size, (y0, y1, x0, x1), tile_filter, (0, 0))[3]
+
+
 @torch.no_grad()
 def tiled_predict(
     image: np.ndarray | torch.Tensor,
@@ -159,12 +234,15 @@ def tiled_predict(
     channels_last: bool | None = None,
     progress: bool = False,
     tile_filter: Callable[[int, int, int, int], bool] | None = None,
+    region: Sequence[int] | None = None,
+    read_batches: BatchReader | None = None,
+    empty_value: float = 0.0,
 ) -> torch.Tensor | np.ndarray:
     """Sliding-window prediction of one image of any size.
 
     Args:
-        image: ``CxHxW`` (or ``1xCxHxW``) float tensor, or ``HxWxC`` numpy array (uint8 is scaled to
-            [0,1] per tile, so a uint8 memmap never becomes one big float array).
+        image: ``CxHxW`` (or ``1xCxHxW``) float tensor, ``HxWxC`` numpy array (uint8 is scaled to
+            [0,1] per tile, so a uint8 memmap never becomes one big float array), or any :class:`TileSource`.
         predictor: maps a ``(B,C,th,tw)`` float tensor on ``device`` to ``(B,K,s*th,s*tw)``.
         tile_shape: ``(th, tw)`` input pixels per tile.
         overlap: fraction of a tile shared with its neighbour (stride = ``int(tile*(1-overlap))``).
@@ -172,13 +250,21 @@ def tiled_predict(
         out_scale: output/input size ratio (4 for an x4 SR generator).
         batch_size: tiles per forward pass.
         device: where tiles go (default: CUDA if available, else CPU). Accumulation stays on CPU.
-        out: optional ``(K, s*H, s*W)`` array-like (numpy, memmap, zarr, h5py) to write into; the
-            return value is then ``out``. Default: a new float32 CPU tensor.
+        out: optional ``(K, s*H, s*W)`` array-like (numpy, memmap, zarr, h5py) to write into (only the
+            ``region`` part is written); the return value is then ``out``. Default: a new float32 CPU tensor
+            of the region's size.
         tta: ``none``, ``flip`` (3 views) or ``d4`` (8 views).
         pad_mode: how to pad images smaller than a tile (and ``border_pad``): reflect, replicate, constant.
         border_pad: extra context pixels padded on every side (0 = MONAI behaviour).
         autocast: ``bf16`` / ``fp16`` to run the predictor under autocast (outputs are accumulated in fp32).
-        tile_filter: ``f(y, x, th, tw) -> bool`` to skip tiles (their area gets 0 / untouched ``out``).
+        tile_filter: ``f(y, x, th, tw) -> bool`` to skip tiles (pixels no kept tile covers get ``empty_value``).
+        region: ``(y0, y1, x0, x1)`` input pixels: predict only the tiles of the *whole image's* grid that
+            overlap this window and write only the window (its values equal those of a whole-image run).
+        read_batches: ``f(batches) -> iterable of (B, C, th, tw) tensors``, one per batch of tile positions
+            ``[(y, x), ...]`` (image pixels) in the order given, e.g. a ``DataLoader`` whose workers read the
+            tiles; default: ``image.tile`` in this process. Not combined with padding (images smaller than a
+            tile, ``border_pad``).
+        empty_value: value written where no tile contributed (filtered tiles).
     """
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
@@ -186,48 +272,76 @@ def tiled_predict(
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    src0 = _ImageSource(image, channels_last)
+    src0 = _as_source(image, channels_last)
     src, (off_y, off_x) = _pad_small(src0, th, tw, border_pad, pad_mode)
+    if read_batches is not None and src is not src0:
+        raise ValueError(
+            f"read_batches needs an image of at least one tile ({th}x{tw}) and border_pad=0; got "
+            f"{src0.h}x{src0.w}, border_pad={border_pad}"
+        )
     H0, W0, s = src0.h, src0.w, int(out_scale)
-    ys, xs = tile_starts(src.h, th, overlap), tile_starts(src.w, tw, overlap)
-    tiles = [(y, x) for y in ys for x in xs]
-    if tile_filter is not None:
-        tiles = [(y, x) for (y, x) in tiles if tile_filter(y - off_y, x - off_x, th, tw)]
+    y0, y1, x0, x1 = (0, H0, 0, W0) if region is None else (int(v) for v in region)
+    if not (0 <= y0 < y1 <= H0 and 0 <= x0 < x1 <= W0):
+        raise ValueError(f"region {tuple(region)} is not a non-empty window of the {H0}x{W0} image")
+    ry0, ry1, rx0, rx1 = y0 + off_y, y1 + off_y, x0 + off_x, x1 + off_x  # the region, padded coordinates
+    ys_all, ys, xs, groups, rows_per_batch = _plan(src.h, src.w, th, tw, overlap, batch_size, (ry0, ry1, rx0, rx1),
+                                                   tile_filter, (off_y, off_x))
+    tiles = [t for g in groups for t in g]
 
-    oth, otw, OW = th * s, tw * s, src.w * s
+    oth, otw = th * s, tw * s
+    bx0, BW = rx0 * s, (rx1 - rx0) * s  # band columns: the region's, in padded output coordinates
     weight = gaussian_weights((oth, otw), sigma_scale) if blend == "gaussian" else torch.ones(oth, otw)
-    tiles_per_row = max(len(xs), 1)
-    rows_per_batch = math.ceil(batch_size / tiles_per_row) + 1
-    stride_h = (ys[1] - ys[0]) if len(ys) > 1 else th
+    stride_h = (ys_all[1] - ys_all[0]) if len(ys_all) > 1 else th
     band_h = min(src.h, th + rows_per_batch * stride_h) * s
-    acc: torch.Tensor | None = None  # (K, band_h, OW), allocated on first output (K unknown before)
-    wsum = torch.zeros(band_h, OW)
-    top = 0  # padded-output row where the band starts
+    acc: torch.Tensor | None = None  # (K, band_h, BW), allocated on first output (K unknown before)
+    wsum = torch.zeros(band_h, BW)
+    top = ys[0] * s  # padded-output row where the band starts
 
     result = out
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "", None)
+    # output rows / columns of the region inside `result`: `out` is image-sized, a new tensor region-sized
+    res_y, res_x = (y0 * s, x0 * s) if out is not None else (0, 0)
+
+    def store(rows: slice, vals: torch.Tensor) -> None:
+        """Write ``vals`` (K, n, BW) at output rows ``rows`` (image coordinates, region columns)."""
+        nonlocal result
+        r = slice(rows.start - y0 * s + res_y, rows.stop - y0 * s + res_y)
+        if isinstance(result, torch.Tensor):
+            result[:, r, res_x : res_x + BW] = vals
+        else:
+            v = vals.numpy()
+            result[:, r, res_x : res_x + BW] = v.astype(out_dtype) if out_dtype is not None else v
+
+    def allocate(k: int) -> None:
+        nonlocal result
+        if result is None:
+            result = torch.full((k, (y1 - y0) * s, (x1 - x0) * s), float(empty_value), dtype=torch.float32)
+
+    def row_chunks(lo: int, hi: int):
+        step = max(1, (1 << 20) // max(BW, 1))  # row chunks: temporaries stay ~1M values, not band-sized
+        for a in range(lo, hi, step):
+            yield a, min(a + step, hi)
 
     def write(r0: int, r1: int) -> None:
-        """Normalise band rows [r0, r1) (padded output coords) and store the unpadded part."""
-        nonlocal result
-        lo, hi = max(r0, off_y * s), min(r1, (off_y + H0) * s)
+        """Normalise band rows [r0, r1) (padded output coords) and store the region's part."""
+        lo, hi = max(r0, ry0 * s), min(r1, ry1 * s)
         if hi <= lo:
             return
-        cols = slice(off_x * s, (off_x + W0) * s)
-        if result is None:
-            result = torch.zeros((acc.shape[0], H0 * s, W0 * s), dtype=torch.float32)
-        step = max(1, (1 << 20) // max(W0 * s, 1))  # row chunks: temporaries stay ~1M values, not band-sized
-        for a in range(lo - top, hi - top, step):
-            b = min(a + step, hi - top)
-            w = wsum[a:b, cols]
-            vals = acc[:, a:b, cols] / w.clamp_min(1e-12)
-            vals[:, w == 0] = 0
-            rows = slice(a + top - off_y * s, b + top - off_y * s)
-            if isinstance(result, torch.Tensor):
-                result[:, rows] = vals
-            else:
-                v = vals.numpy()
-                result[:, rows, :] = v.astype(out_dtype) if out_dtype is not None else v
+        allocate(acc.shape[0])
+        for a, b in row_chunks(lo - top, hi - top):
+            w = wsum[a:b]
+            vals = acc[:, a:b] / w.clamp_min(1e-12)
+            vals[:, w == 0] = empty_value
+            store(slice(a + top - off_y * s, b + top - off_y * s), vals)
+
+    def write_empty(r0: int, r1: int, k: int) -> None:
+        """Rows [r0, r1) (padded output coords) that no tile touches."""
+        lo, hi = max(r0, ry0 * s), min(r1, ry1 * s)
+        if hi <= lo or (result is not out and result is not None):  # a new tensor starts as empty_value
+            return
+        allocate(k)
+        for a, b in row_chunks(lo, hi):
+            store(slice(a - off_y * s, b - off_y * s), torch.full((k, b - a, BW), float(empty_value)))
 
     def shift_up(buf: torch.Tensor, k: int) -> None:
         """``buf[..., :n-k, :] = buf[..., k:, :]``, zero the last ``k`` rows: copied in disjoint blocks of
@@ -241,22 +355,35 @@ def tiled_predict(
     def flush_until(row: int) -> None:
         """Rows above ``row`` (padded output coords) are final: write them and slide the band."""
         nonlocal top
-        if acc is None or row <= top:
+        if row <= top:
+            return
+        if acc is None:  # nothing predicted yet: these rows are empty
+            if out is not None:
+                write_empty(top, row, out.shape[0])
+            top = row
             return
         write(top, min(row, top + band_h))
+        if row > top + band_h:
+            write_empty(top + band_h, row, acc.shape[0])
         k = min(row - top, band_h)
         shift_up(acc, k)
         shift_up(wsum, k)
         top = row
 
-    def batches() -> Iterator[list[tuple[int, int]]]:
-        for i in range(0, len(tiles), batch_size):
-            yield tiles[i : i + batch_size]
-
+    if read_batches is None:
+        batch_iter: Iterable[torch.Tensor] = (torch.stack([src.tile(y, x, th, tw) for (y, x) in g]) for g in groups)
+    else:
+        batch_iter = read_batches([[(y - off_y, x - off_x) for (y, x) in g] for g in groups])
     bar = tqdm(total=len(tiles), desc="tiles", disable=not progress, leave=False)
-    for group in batches():
+    n_batches = 0
+    for group, x in zip(groups, batch_iter):
+        n_batches += 1
+        if x.shape[0] != len(group):
+            raise ValueError(f"read_batches gave a batch of {x.shape[0]} tiles for {len(group)} positions")
         flush_until(group[0][0] * s)
-        x = torch.stack([src.tile(y, x0, th, tw) for (y, x0) in group]).to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        x = x.to(device, non_blocking=True)
         if amp is not None:
             with torch.autocast(device_type=device.type, dtype=amp):
                 pred = predictor(x)
@@ -269,17 +396,21 @@ def tiled_predict(
                 f"(tile {th}x{tw}, out_scale {s})"
             )
         if acc is None:
-            acc = torch.zeros((pred.shape[1], band_h, OW))
-        for (y, x0), p in zip(group, pred):
+            acc = torch.zeros((pred.shape[1], band_h, BW))
+        for (y, x0_), p in zip(group, pred):
             r = y * s - top
-            acc[:, r : r + oth, x0 * s : x0 * s + otw].addcmul_(p, weight)
-            wsum[r : r + oth, x0 * s : x0 * s + otw] += weight
+            c_lo, c_hi = max(x0_ * s, bx0), min(x0_ * s + otw, bx0 + BW)  # the tile's columns inside the region
+            tc = slice(c_lo - x0_ * s, c_hi - x0_ * s)
+            acc[:, r : r + oth, c_lo - bx0 : c_hi - bx0].addcmul_(p[:, :, tc], weight[:, tc])
+            wsum[r : r + oth, c_lo - bx0 : c_hi - bx0] += weight[:, tc]
         bar.update(len(group))
     bar.close()
+    if n_batches != len(groups):
+        raise ValueError(f"read_batches gave {n_batches} batches for {len(groups)} batches of tile positions")
     if acc is None:  # every tile filtered out
-        if result is None:
+        if out is None:
             raise ValueError("tile_filter rejected every tile and no `out` array was given")
-        return result
-    while top < src.h * s:
-        flush_until(min(top + band_h, src.h * s))
+        write_empty(top, ry1 * s, out.shape[0])
+        return out
+    flush_until(ry1 * s)
     return result
