@@ -133,11 +133,14 @@ def write_geojson(path: Path, annotations: list[dict], block_files: Iterable[Pat
             for feat in annotations:
                 f.write(("" if first else ",\n") + json.dumps(feat, ensure_ascii=False))
                 first = False
-            for bf in block_files:
-                for feat in json.loads(Path(bf).read_text())["features"]:
-                    f.write(("" if first else ",\n") + json.dumps(feat, ensure_ascii=False))
-                    first = False
-                    n += 1
+            for bf in block_files:  # JSON lines: a header, then one serialised feature per line
+                with open(bf, encoding="utf-8") as src:
+                    src.readline()
+                    for line in src:
+                        if line.strip():
+                            f.write(("" if first else ",\n") + line.rstrip("\n"))
+                            first = False
+                            n += 1
             f.write("\n]}\n")
         os.replace(tmp, p)
     except BaseException:

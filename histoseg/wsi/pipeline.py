@@ -38,7 +38,7 @@ from histoseg.wsi.outputs import (
     write_geojson,
     write_mask_tiff,
 )
-from histoseg.wsi.post import ClassStyle, block_files, open_labels, postprocess_blocks
+from histoseg.wsi.post import ClassStyle, block_files, open_labels, postprocess_blocks, read_block_header
 from histoseg.wsi.slide import Slide, SlideError
 from histoseg.wsi.stream import (
     Progress,
@@ -271,13 +271,11 @@ def summarise(nuclei_dir: Path, n_blocks: int, tissue, grid, task, report) -> di
     areas, ecc, sol = [], [], []
     class_px = np.zeros(max(task.num_classes, 2), np.int64)
     for bf in block_files(nuclei_dir, n_blocks):
-        d = json.loads(bf.read_text())
+        d = read_block_header(bf)
         class_px[: len(d["class_pixels"])] += np.asarray(d["class_pixels"], np.int64)
-        for f in d["features"]:
-            m = f["properties"]["measurements"]
-            areas.append(m["Area µm^2"])
-            ecc.append(m["Eccentricity"])
-            sol.append(m["Solidity"])
+        areas += d["area_um2"]
+        ecc += d["eccentricity"]
+        sol += d["solidity"]
     nan = float("nan")
     tissue_mm2 = tissue.area_mm2
     px_um2 = grid.mpp**2
