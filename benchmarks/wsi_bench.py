@@ -97,7 +97,8 @@ def throughput(side: int, work: Path, threads: int, workers: int) -> dict:
     from histoseg.inference import tiled_predict
     from histoseg.tasks.restore import restore_task
     from histoseg.wsi import Slide, predict_slide
-    from histoseg.wsi.stream import model_grid, tissue_tile_count
+    from histoseg.wsi.stream import tissue_tile_count
+    from histoseg.wsi.tiles import model_grid
 
     torch.set_num_threads(threads)
     mosaic, source = make_mosaic(side)

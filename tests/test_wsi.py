@@ -19,8 +19,8 @@ from shapely.geometry import shape as to_shape
 
 from histoseg.inference import tiled_predict
 from histoseg.wsi import Slide, SlideError, is_slide, predict_slide
-from histoseg.wsi.stream import SlideTileSource
 from histoseg.wsi.testslides import synthetic_slide
+from histoseg.wsi.tiles import SlideTileSource
 from histoseg.wsi.tissue import detect_tissue
 from tests.conftest import compose_cfg
 from tests.helpers_ckpt import dark_is_nucleus, write_checkpoint

@@ -42,15 +42,14 @@ from histoseg.wsi.post import ClassStyle, block_files, open_labels, postprocess_
 from histoseg.wsi.slide import Slide, SlideError
 from histoseg.wsi.stream import (
     Progress,
-    SlideTileSource,
     blocks,
     file_id,
     fingerprint,
-    model_grid,
     open_logits,
     predict_blocks,
     tissue_tile_count,
 )
+from histoseg.wsi.tiles import SlideTileSource, model_grid
 from histoseg.wsi.tissue import clean_mask, detect_tissue
 
 log = get_logger(__name__)
