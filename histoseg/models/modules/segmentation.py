@@ -296,19 +296,8 @@ class SegmentationTask(L.LightningModule):
         return {"labels": post["labels"], "instances": post["instances"], "scores": row}  # for figure callbacks
 
     def on_test_epoch_end(self) -> None:
-        rows = self.test_rows
-        if self.trainer.world_size > 1:
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        summary = summarize(rows)
-        for k, v in summary["mean"].items():
-            self.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
-        if self.trainer.is_global_zero:
-            out = Path(self.report_dir or (self.trainer.log_dir or self.trainer.default_root_dir))
-            write_report(rows, summary, out, extra={"postprocess": self.postprocess.config(), "inference": self.inference,
-                                                    **self.report_meta})
-            log.info("whole-image test report written to %s", out)
+        finish_test(self, self.test_rows, {"postprocess": self.postprocess.config(), "inference": self.inference,
+                                           **self.report_meta})
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -341,6 +330,23 @@ class SegmentationTask(L.LightningModule):
         stored = checkpoint.get("histoseg", {}).get("dataset")
         if stored:
             self.data_info = dict(stored)
+
+
+def finish_test(module: L.LightningModule, rows: list[dict], extra: dict) -> None:
+    """End of a whole-image test: gather per-image rows from all ranks, log the means as ``test/*`` and
+    write ``per_image.csv`` + ``summary.json`` (rank 0) into the module's ``report_dir``."""
+    trainer = module.trainer
+    if trainer.world_size > 1:
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    summary = summarize(rows)
+    for k, v in summary["mean"].items():
+        module.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
+    if trainer.is_global_zero and rows:
+        out = Path(module.report_dir or (trainer.log_dir or trainer.default_root_dir))
+        write_report(rows, summary, out, extra=extra)
+        log.info("whole-image test report written to %s", out)
 
 
 def summarize(rows: list[dict]) -> dict:
