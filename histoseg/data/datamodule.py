@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from histoseg.data.datasets import EpochSampler, InMemorySource, PatchDataset, WholeImageDataset, worker_init
+from histoseg.data.datasets import (
+    EpochSampler,
+    InMemorySource,
+    PatchDataset,
+    ShardSampler,
+    WholeImageDataset,
+    worker_init,
+)
 from histoseg.data.io import DataError
 from histoseg.data.readers.base import Reader
 from histoseg.data.sample import Sample
@@ -189,6 +196,12 @@ class HistoDataModule(L.LightningDataModule):
             raise ValueError(f"dataset {self.name!r}: the training pipeline fails on its first patch: {e}") from e
 
     # ------------------------------------------------------------------ loaders
+    def _rank_world(self) -> tuple[int | None, int | None]:
+        """The trainer's global rank and world size (``None``: ask torch.distributed, see EpochSampler)."""
+        if self.trainer is None:
+            return None, None
+        return self.trainer.global_rank, self.trainer.world_size
+
     def _per_device_batch(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
@@ -199,7 +212,7 @@ class HistoDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_set,
             batch_size=self._per_device_batch(),
-            sampler=EpochSampler(len(self.train_set)),
+            sampler=EpochSampler(len(self.train_set), *self._rank_world()),  # disjoint patch keys per rank
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -208,7 +221,9 @@ class HistoDataModule(L.LightningDataModule):
         )
 
     def _whole_loader(self, ds) -> DataLoader:
-        return DataLoader(ds, batch_size=1, num_workers=0, pin_memory=self.pin_memory)
+        # under DDP each rank scores its own share of the images; torchmetrics syncs the counts
+        return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), *self._rank_world()), num_workers=0,
+                          pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._whole_loader(self.val_set)

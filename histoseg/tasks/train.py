@@ -76,6 +76,12 @@ def check_config(cfg: DictConfig) -> None:
             f"dataset {cfg.dataset.get('name')!r} is a super-resolution dataset (HR/LR pairs) but model "
             f"{cfg.model._target_} segments; train it with task=sr"
         )
+    tr = cfg.trainer
+    if "ddp" in str(tr.get("strategy", "auto")) and tr.get("use_distributed_sampler", True):
+        raise ConfigError(
+            "trainer.strategy is DDP but trainer.use_distributed_sampler is not false: histoseg's samplers already "
+            "give each rank its own patches and images; use trainer=ddp or set trainer.use_distributed_sampler=false"
+        )
     monitor = cfg.get("monitor")
     ckpt = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if ckpt and monitor and ckpt.get("monitor") not in (None, monitor):

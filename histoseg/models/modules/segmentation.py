@@ -265,6 +265,8 @@ class SegmentationTask(L.LightningModule):
         self.val_loss.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "padding" in batch:  # DDP filler so that ranks run equal step counts; every image is scored once
+            return
         self._whole_image_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -282,7 +284,9 @@ class SegmentationTask(L.LightningModule):
         self.metrics["test_metrics"].reset()
         self.test_rows = []
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
+    def test_step(self, batch: dict, batch_idx: int) -> dict | None:
+        if "padding" in batch:  # DDP filler (see ShardSampler): every image is scored once
+            return None
         logits, preds = self._whole_image_step(batch, "test")
         maps = self.maps_from_raw(logits)
         post = self.postprocess(maps if self.heads else maps["probs"])
