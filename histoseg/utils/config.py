@@ -6,13 +6,16 @@ Resolvers (registered on import of ``histoseg``):
   current directory) when it exists, else ``<project>/data``.
 * ``${hs.mode:${dataset.num_classes}}``: ``binary`` for 2 classes, else ``multiclass``.
 * ``${hs.out_channels:${dataset.num_classes}}``: 1 for binary, K otherwise.
+* ``${hs.merge_tags:${tags},a,b}``: the tags followed by the other items, flattened, without duplicates.
+* ``${hs.run_group:${hydra:mode},${hydra:sweep.dir},${hydra:runtime.choices.experiment},${task_name}}``:
+  the logger group of a run: the sweep folder's name in a multirun, else the experiment, else the task.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,12 +37,30 @@ def _mode(num_classes) -> str:
     return mode_for(int(num_classes))
 
 
+def merge_tags(*items) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        for t in item if isinstance(item, list | tuple | ListConfig) else [item]:
+            if t is not None and str(t) not in out:
+                out.append(str(t))
+    return out
+
+
+def run_group(mode, sweep_dir, experiment, task_name) -> str:
+    if str(mode).upper().endswith("MULTIRUN"):
+        return Path(str(sweep_dir)).name
+    return str(experiment) if experiment not in (None, "", "None", "null") else str(task_name)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("hs.data_root"):
         OmegaConf.register_new_resolver("hs.data_root", data_root)
         OmegaConf.register_new_resolver("hs.mode", _mode)
         OmegaConf.register_new_resolver("hs.out_channels", lambda k: 1 if int(k) == 2 else int(k))
         OmegaConf.register_new_resolver("hs.project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("hs.merge_tags"):
+        OmegaConf.register_new_resolver("hs.merge_tags", merge_tags)
+        OmegaConf.register_new_resolver("hs.run_group", run_group)
 
 
 def conf_dir() -> Path:

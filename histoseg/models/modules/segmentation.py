@@ -106,6 +106,10 @@ class SegmentationTask(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_dice_best = MaxMetric()
         self.test_rows: list[dict] = []
+        # the first ``val_keep`` whole-image validation predictions of an epoch (image, mask, pred, case_id)
+        # on this rank, for callbacks that show them (histoseg.callbacks.ValidationPanels sets val_keep)
+        self.val_keep = 0
+        self.val_examples: list[dict] = []
 
     def _check_heads(self, heads) -> dict[str, int] | None:
         if not heads:
@@ -263,11 +267,17 @@ class SegmentationTask(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.metrics["val_metrics"].reset()
         self.val_loss.reset()
+        self.val_examples = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "padding" in batch:  # DDP filler so that ranks run equal step counts; every image is scored once
             return
-        self._whole_image_step(batch, "val")
+        _, preds = self._whole_image_step(batch, "val")
+        if len(self.val_examples) < self.val_keep:
+            self.val_examples.append({
+                "case_id": batch["case_id"][0], "image": batch["image"][0].detach().cpu(),
+                "mask": batch["mask"][0].detach().cpu(), "pred": preds[0].detach().cpu(),
+            })
 
     def on_validation_epoch_end(self) -> None:
         scores = self.metrics["val_metrics"].compute()
