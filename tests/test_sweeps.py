@@ -187,3 +187,32 @@ def test_optuna_sweep_runs_and_a_second_invocation_resumes(tmp_path):
     assert {p: (sweep / p / "config.yaml").read_text() for p in ("0", "1")} == first  # earlier jobs untouched
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert res["n_trials"]["complete"] == 3 and res["best_value"] == pytest.approx(study.best_value)
+
+
+def test_slurm_launcher_config_composes_with_its_placeholders():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import get_class
+
+    from histoseg.utils.config import conf_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hparams_search=synthetic_optuna",
+                                          "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert "partition" in launcher and "account" in launcher  # placeholders for the cluster
+    assert launcher.gpus_per_node == launcher.tasks_per_node == 4 and launcher.timeout_min > 0
+    assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir.split("${")[0])
+
+
+def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path):
+    # two trials per batch, each in its own joblib (loky) worker process
+    cmd = [*sweep_cmd(tmp_path, 2), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr
+    study = optuna.load_study(study_name="synthetic_optuna", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2

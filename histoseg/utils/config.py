@@ -73,3 +73,35 @@ def conf_dir() -> Path:
             "or point HISTOSEG_CONF at a copy of its conf/ folder"
         )
     return p
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: str | Path | None = None,
+                   config_name: str = "train"):
+    """A run config composed with Hydra's compose API, for notebooks and scripts (``train.py`` needs none of this).
+
+    ``output_dir`` becomes ``paths.output_dir`` (where checkpoints, CSV logs and reports go); by default a
+    fresh folder under ``paths.log_dir/<task>/runs``. The Hydra run info the configs interpolate (choices,
+    output dir) is set as for a ``train.py`` run.
+    """
+    from datetime import datetime
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    if output_dir is None:
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        output_dir = Path(cfg.paths.log_dir) / str(cfg.task_name) / "runs" / stamp
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return cfg
