@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from histoseg.callbacks.panels import PALETTE, render_panel
+from histoseg.callbacks.panels import class_colours, render_panel
 from histoseg.utils.config import merge_tags, run_group
 from histoseg.utils.runs import collect_runs, read_wandb_offline
 
@@ -18,27 +18,27 @@ def test_panel_is_image_truth_prediction_side_by_side():
     mask = torch.zeros(40, 60, dtype=torch.long)
     mask[10:20, 10:30] = 1
     pred = torch.zeros(40, 60, dtype=torch.long)
-    panel = render_panel(img, mask, pred, max_side=512, gap=4)
+    panel = render_panel(img, mask, pred, 2, max_side=512, gap=4)
     assert panel.shape == (40, 3 * 60 + 2 * 4, 3) and panel.dtype == np.uint8
     left, truth, predicted = panel[:, :60], panel[:, 64:124], panel[:, 128:]
     assert (left == 128).all() and (predicted == 128).all()  # empty prediction: image unchanged
     inside = truth[14, 20].astype(int)  # blended towards the class-1 colour (green)
     assert inside[1] > 128 and inside[0] < 128 and (truth[:10] == 128).all()
-    assert (truth[10, 15] == PALETTE[1]).all()  # outline drawn in the class colour
+    assert (truth[10, 15] == class_colours(2)[1]).all()  # outline drawn in the class colour
 
 
 def test_panel_downscales_labels_without_interpolation():
     img = np.zeros((300, 1000, 3), np.uint8)
     mask = np.where((np.arange(1000)[None, :] // 30) % 2, 3, 0).repeat(300, 0)  # labels 0 and 3 only
-    panel = render_panel(img, mask, mask, max_side=250)
+    panel = render_panel(img, mask, mask, 4, max_side=250)
     assert panel.shape == (75, 3 * 250 + 2 * 4, 3)
     truth = panel[:, 254:504].reshape(-1, 3)
-    blend = (PALETTE[3] * 0.45).astype(np.uint8)
-    allowed = {(0, 0, 0), tuple(blend), tuple(PALETTE[3])}
+    blend = (class_colours(4)[3] * 0.45).astype(np.uint8)
+    allowed = {(0, 0, 0), tuple(blend), tuple(class_colours(4)[3])}
     # a blended label (3 and 0 averaged into 1 or 2) would show class 1 / 2 colours
     assert {tuple(c) for c in truth} <= allowed and tuple(blend) in {tuple(c) for c in truth}
     with pytest.raises(ValueError, match="differ in size"):
-        render_panel(img, mask[:10], mask)
+        render_panel(img, mask[:10], mask, 4)
 
 
 def test_run_group_and_tags():

@@ -15,16 +15,22 @@ import lightning as L
 import numpy as np
 import torch
 
+from histoseg.analysis.figures import BINARY_CONTOUR
+from histoseg.analysis.palette import palette_for
 from histoseg.data.io import atomic_write_bytes
+from histoseg.utils.logging import get_logger
 
-# class colours (index 0 = background, not drawn); more classes cycle through the list
-PALETTE = np.array(
-    [[0, 0, 0], [0, 220, 0], [230, 30, 30], [40, 90, 255], [255, 200, 0], [220, 0, 220], [0, 220, 220]], np.uint8
-)
+log = get_logger(__name__)
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """``(K, 3)`` colours of the panels: the run figures' palette (``histoseg.analysis``), binary in green."""
+    if int(num_classes) == 2:
+        return np.array([[0, 0, 0], BINARY_CONTOUR], np.uint8)
+    return palette_for(num_classes)
 
 
 def _to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    a = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = a.transpose(1, 2, 0)
     if a.dtype != np.uint8:
@@ -34,10 +40,12 @@ def _to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.45) -> np.ndarray:
     """Class colours blended onto the image (background left as is) with class outlines drawn opaque."""
     labels = labels.astype(np.int64)
-    colours = PALETTE[np.where(labels > 0, (labels - 1) % (len(PALETTE) - 1) + 1, 0)]
+    if labels.size and int(labels.max()) >= num_classes:
+        raise ValueError(f"class map holds value {int(labels.max())} but there are {num_classes} classes")
+    colours = class_colours(num_classes)[labels]
     fg = labels > 0
     out = image.copy()
     out[fg] = (image[fg] * (1 - alpha) + colours[fg] * alpha).astype(np.uint8)
@@ -46,7 +54,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.nd
     return out
 
 
-def render_panel(image, mask, pred, max_side: int = 512, gap: int = 4) -> np.ndarray:
+def render_panel(image, mask, pred, num_classes: int, max_side: int = 512, gap: int = 4) -> np.ndarray:
     """``HxWx3`` uint8 panel: image | ground truth overlay | prediction overlay, longest side <= ``max_side``."""
     img = _to_uint8_image(image)
     gt = np.asarray(mask.numpy() if isinstance(mask, torch.Tensor) else mask)
@@ -61,7 +69,7 @@ def render_panel(image, mask, pred, max_side: int = 512, gap: int = 4) -> np.nda
         gt = cv2.resize(gt.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST)  # labels: nearest
         pr = cv2.resize(pr.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST)
     sep = np.full((img.shape[0], gap, 3), 255, np.uint8)
-    return np.concatenate([img, sep, overlay(img, gt), sep, overlay(img, pr)], axis=1)
+    return np.concatenate([img, sep, overlay(img, gt, num_classes), sep, overlay(img, pr, num_classes)], axis=1)
 
 
 class ValidationPanels(L.Callback):
@@ -80,6 +88,7 @@ class ValidationPanels(L.Callback):
         self.every_n_epochs, self.max_images = int(every_n_epochs), int(max_images)
         self.max_side, self.dirname = int(max_side), dirname
         self.written: list[Path] = []
+        self.active = False
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -87,17 +96,24 @@ class ValidationPanels(L.Callback):
         epoch = trainer.current_epoch + 1
         return epoch % self.every_n_epochs == 0 or (trainer.max_epochs is not None and epoch >= trainer.max_epochs)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.active = hasattr(pl_module, "val_examples") and hasattr(pl_module, "num_classes")
+        if not self.active:  # e.g. the super-resolution task: nothing to draw, not an error
+            log.info("ValidationPanels: %s keeps no validation predictions; no panels", type(pl_module).__name__)
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not hasattr(pl_module, "val_examples"):
-            raise TypeError(f"ValidationPanels needs a SegmentationTask-like module, got {type(pl_module).__name__}")
-        pl_module.val_keep = self.max_images if self._due(trainer) and trainer.is_global_zero else 0
+        if self.active:
+            pl_module.val_keep = self.max_images if self._due(trainer) and trainer.is_global_zero else 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         examples = list(pl_module.val_examples)
         pl_module.val_keep, pl_module.val_examples = 0, []
         if not examples or not trainer.is_global_zero:
             return
-        panels = [render_panel(e["image"], e["mask"], e["pred"], self.max_side) for e in examples]
+        k = pl_module.num_classes
+        panels = [render_panel(e["image"], e["mask"], e["pred"], k, self.max_side) for e in examples]
         captions = [str(e["case_id"]) for e in examples]
         out = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}"
         for panel, cid in zip(panels, captions):

@@ -64,10 +64,10 @@ class EpochSampler(Sampler):
 class ShardSampler(Sampler):
     """Whole-image indices split across DDP ranks (``rank::world_size``), each rank getting the same count.
 
-    Ranks whose share is one short get a padding key ``(0, True)``; :class:`WholeImageDataset` marks that
-    item ``padding`` and the task skips it, so every image is scored exactly once (no duplicates in the
-    synced metrics or the per-image report) while every rank runs the same number of steps (DDP forwards
-    are collective).
+    Real images are plain indices. Ranks whose share is one short get a padding key ``(0, True)``:
+    :class:`WholeImageDataset` marks that item ``padding`` and the tasks skip it, so every image is scored
+    exactly once (no duplicates in the synced metrics or the per-image report) while every rank runs the
+    same number of steps (DDP forwards are collective). A single process never sees a padding key.
     """
 
     def __init__(self, length: int, rank: int | None = None, world_size: int | None = None):
@@ -77,7 +77,7 @@ class ShardSampler(Sampler):
 
     def __iter__(self):
         own = list(range(self.rank, self.total, self.world_size))
-        return iter([(i, False) for i in own] + [(0, True)] * (self.length - len(own)))
+        return iter(own + [(0, True)] * (self.length - len(own)))
 
     def __len__(self) -> int:
         return self.length

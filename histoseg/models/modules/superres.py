@@ -380,6 +380,8 @@ class SuperResolutionTask(L.LightningModule):
                 m.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "padding" in batch:  # DDP filler (see ShardSampler): every image is scored once
+            return
         self._quality_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -399,6 +401,8 @@ class SuperResolutionTask(L.LightningModule):
         self.test_rows = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if "padding" in batch:
+            return
         row = self._quality_step(batch, "test")
         self.test_rows.append({"case_id": batch["case_id"][0], **row})
 
