@@ -1,7 +1,7 @@
 """A Hydra sweeper on Optuna >= 3 (ask/tell), with persistent, resumable studies.
 
-Why not ``hydra-optuna-sweeper``: its releases pin ``optuna<3`` (and with it SQLAlchemy 1.x), which
-conflicts with the Optuna / SQLAlchemy 2 stack histoseg installs. This plugin is small: it turns
+Why not ``hydra-optuna-sweeper``: its latest release (1.3.0) requires ``optuna>=2.10,<3``, which conflicts
+with the Optuna 5 / SQLAlchemy 2 stack histoseg installs. This plugin is small: it turns
 ``hydra.sweeper.params`` (Hydra's override grammar) into Optuna distributions, asks the study for
 ``n_jobs`` trials at a time, launches them through whatever ``hydra/launcher`` is configured (basic,
 joblib, submitit), and tells the study each trial's return value.
