@@ -208,6 +208,7 @@ def test_slurm_launcher_config_composes_with_its_placeholders():
     assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir.split("${")[0])
 
 
+@pytest.mark.slow  # ~20-40 s on 2 cores: loky workers import torch + lightning once each
 def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path):
     # two trials per batch, each in its own joblib (loky) worker process
     cmd = [*sweep_cmd(tmp_path, 2), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
