@@ -130,6 +130,19 @@ def test_resume_fails_stale_trials_and_runs_only_the_missing_ones(tmp_path):
     assert [i for i, _ in sw.launcher.calls] == [3, 4]  # 2 new trials, after the stale one
 
 
+def test_enqueued_trials_run_first_in_their_own_job_folders(tmp_path):
+    make_sweeper(tmp_path, n_trials=1, losses="choice(dice, ce)").sweep([])
+    study = load(tmp_path)
+    study.ask()  # stale: left RUNNING by a killed sweep (trial 1)
+    study.enqueue_trial({"loss": "ce"})  # a point the user wants tried (trial 2, WAITING)
+    sw = make_sweeper(tmp_path, n_trials=3, n_jobs=2, losses="choice(dice, ce)")
+    sw.sweep([])
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[2].params == {"loss": "ce"}
+    assert [i for i, _ in sw.launcher.calls] == [2]  # trials 2 and 3 in one batch, folders 2 and 3
+
+
 def test_direction_mismatch_with_an_existing_study_is_refused(tmp_path):
     make_sweeper(tmp_path, n_trials=1, losses="choice(dice)").sweep([])
     sw = make_sweeper(tmp_path, n_trials=2, losses="choice(dice)")

@@ -178,7 +178,7 @@ class HistosegOptunaSweeper(Sweeper):
         return study
 
     def _fail_stale(self, study: optuna.Study) -> None:
-        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # WAITING = enqueued: kept
         for t in stale:
             study.tell(t.number, state=TrialState.FAIL)
         if stale:
@@ -230,8 +230,12 @@ class HistosegOptunaSweeper(Sweeper):
             numbers_ = [t.number for t in trials]
             try:
                 self.validate_batch_is_legal(batch)
-                # job folders are named by trial number: consecutive within a batch of one sweeper
-                results = self.launcher.launch(batch, initial_job_idx=numbers_[0])
+                # job folders are named by trial number (the launcher numbers a batch consecutively; trials
+                # enqueued earlier, or asked by another sweeper on the same storage, break that: launch alone)
+                if numbers_ == list(range(numbers_[0], numbers_[0] + len(numbers_))):
+                    results = self.launcher.launch(batch, initial_job_idx=numbers_[0])
+                else:
+                    results = [r for ov, n in zip(batch, numbers_) for r in self.launcher.launch([ov], initial_job_idx=n)]
             except BaseException:
                 for t in trials:
                     study.tell(t, state=TrialState.FAIL)
