@@ -19,7 +19,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from histoseg.data.datasets import (
