@@ -6,6 +6,9 @@ call it. Tile positions and the Gaussian importance map follow MONAI's ``sliding
 (``mode="gaussian"``, ``sigma_scale=0.125``, i.e. sigma = tile/8 as nnU-Net), so both give the same
 output for the same model and settings.
 
+Speed: on CUDA the band is accumulated on the device (``accum_device``), so only finished rows cross to the
+host, and ``batch_size="auto"`` sizes tile batches from the free device memory (:func:`auto_batch_size`).
+
 Memory: tiles are accumulated into a horizontal *band* buffer (tile height plus the rows one batch can
 span) that is normalised and flushed to ``out`` as soon as no later tile can touch it. Peak memory is
 therefore the tile batch plus ``O(width x tile height)``, independent of the image height; pass an
@@ -87,6 +90,11 @@ def with_tta(predictor: Predictor, mode: str | None) -> Predictor:
     return run
 
 
+def to_float(t: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1]; other dtypes -> float32 unchanged in value."""
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+
 class _ImageSource:
     """Uniform tile access for CHW tensors and HWC numpy arrays (uint8 -> [0,1] float per tile)."""
 
@@ -113,15 +121,16 @@ class _ImageSource:
             else:
                 self.c, self.h, self.w = arr.shape
 
-    def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+    def raw_tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        """CHW tile in the source dtype (uint8 stays uint8: batches are converted after the device transfer)."""
         if self.kind == "torch":
             return self.arr[:, y : y + th, x : x + tw]
         a = self.arr[y : y + th, x : x + tw] if self.hwc else self.arr[:, y : y + th, x : x + tw]
         a = np.asarray(a)
-        t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1) if self.hwc else a))
-        if t.dtype == torch.uint8:
-            return t.float().div_(255.0)
-        return t.float()
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1) if self.hwc else a))
+
+    def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        return to_float(self.raw_tile(y, x, th, tw))
 
 
 def _pad_small(src: _ImageSource, th: int, tw: int, border: int, mode: str):
@@ -139,6 +148,49 @@ def _pad_small(src: _ImageSource, th: int, tw: int, border: int, mode: str):
     return _ImageSource(padded[0], None), (pads[2], pads[0])
 
 
+AUTO_CPU_BATCH = 8  # batch_size="auto" on CPU: larger tile batches do not raise CPU throughput, only memory
+
+
+def batch_from_memory(free_bytes: int, peak_1: int, peak_2: int, memory_fraction: float = 0.5, max_batch: int = 64) -> int:
+    """Tile batch size that fits ``memory_fraction`` of ``free_bytes``, from the peak memory of a forward pass
+    of 1 and of 2 tiles (per-tile cost = the difference, fixed cost = the rest); between 1 and ``max_batch``."""
+    per_tile = max(int(peak_2) - int(peak_1), 1)
+    fixed = max(int(peak_1) - per_tile, 0)
+    n = int((free_bytes * memory_fraction - fixed) // per_tile)
+    return max(1, min(int(max_batch), n))
+
+
+@torch.no_grad()
+def auto_batch_size(
+    predictor: Predictor,
+    tile_shape: Sequence[int],
+    device: str | torch.device,
+    in_channels: int = 3,
+    autocast: str | None = None,
+    memory_fraction: float = 0.5,
+    max_batch: int = 64,
+) -> int:
+    """Tiles per forward pass for ``device``: on CUDA measured (two probe passes of 1 and 2 tiles, then
+    :func:`batch_from_memory` on the free memory); elsewhere :data:`AUTO_CPU_BATCH`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return AUTO_CPU_BATCH
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "", None)
+    peaks = []
+    for b in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        x = torch.zeros(b, in_channels, int(tile_shape[0]), int(tile_shape[1]), device=device)
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            predictor(x)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        del x
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_from_memory(free, peaks[0], peaks[1], memory_fraction, max_batch)
+
+
 @torch.no_grad()
 def tiled_predict(
     image: np.ndarray | torch.Tensor,
@@ -148,7 +200,7 @@ def tiled_predict(
     blend: str = "gaussian",
     sigma_scale: float = 0.125,
     out_scale: int = 1,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     device: str | torch.device | None = None,
     out: np.ndarray | None = None,
     out_dtype: np.dtype | None = None,
@@ -159,6 +211,7 @@ def tiled_predict(
     channels_last: bool | None = None,
     progress: bool = False,
     tile_filter: Callable[[int, int, int, int], bool] | None = None,
+    accum_device: str | torch.device | None = None,
 ) -> torch.Tensor | np.ndarray:
     """Sliding-window prediction of one image of any size.
 
@@ -170,8 +223,9 @@ def tiled_predict(
         overlap: fraction of a tile shared with its neighbour (stride = ``int(tile*(1-overlap))``).
         blend: ``gaussian`` (sigma = ``sigma_scale`` x tile) or ``constant``.
         out_scale: output/input size ratio (4 for an x4 SR generator).
-        batch_size: tiles per forward pass.
-        device: where tiles go (default: CUDA if available, else CPU). Accumulation stays on CPU.
+        batch_size: tiles per forward pass, or ``"auto"`` (:func:`auto_batch_size`: from free memory on CUDA,
+            :data:`AUTO_CPU_BATCH` elsewhere).
+        device: where tiles go (default: CUDA if available, else CPU).
         out: optional ``(K, s*H, s*W)`` array-like (numpy, memmap, zarr, h5py) to write into; the
             return value is then ``out``. Default: a new float32 CPU tensor.
         tta: ``none``, ``flip`` (3 views) or ``d4`` (8 views).
@@ -179,6 +233,8 @@ def tiled_predict(
         border_pad: extra context pixels padded on every side (0 = MONAI behaviour).
         autocast: ``bf16`` / ``fp16`` to run the predictor under autocast (outputs are accumulated in fp32).
         tile_filter: ``f(y, x, th, tw) -> bool`` to skip tiles (their area gets 0 / untouched ``out``).
+        accum_device: where the band buffer is accumulated (default: ``device`` when it is CUDA, else CPU);
+            finished rows are copied to the host as they complete.
     """
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
@@ -186,8 +242,13 @@ def tiled_predict(
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accum = torch.device(accum_device) if accum_device is not None else (device if device.type == "cuda" else torch.device("cpu"))
     src0 = _ImageSource(image, channels_last)
     src, (off_y, off_x) = _pad_small(src0, th, tw, border_pad, pad_mode)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(predictor, (th, tw), device, src.c, autocast)
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of tiles or 'auto', got {batch_size!r}")
     H0, W0, s = src0.h, src0.w, int(out_scale)
     ys, xs = tile_starts(src.h, th, overlap), tile_starts(src.w, tw, overlap)
     tiles = [(y, x) for y in ys for x in xs]
@@ -196,12 +257,18 @@ def tiled_predict(
 
     oth, otw, OW = th * s, tw * s, src.w * s
     weight = gaussian_weights((oth, otw), sigma_scale) if blend == "gaussian" else torch.ones(oth, otw)
+    weight = weight.to(accum)
     tiles_per_row = max(len(xs), 1)
     rows_per_batch = math.ceil(batch_size / tiles_per_row) + 1
     stride_h = (ys[1] - ys[0]) if len(ys) > 1 else th
     band_h = min(src.h, th + rows_per_batch * stride_h) * s
     acc: torch.Tensor | None = None  # (K, band_h, OW), allocated on first output (K unknown before)
-    wsum = torch.zeros(band_h, OW)
+    wsum = torch.zeros(band_h, OW, device=accum)
+    row_weight = None  # without a tile filter every row has tiles at all ``xs``: their summed weights, once
+    if tile_filter is None:
+        row_weight = torch.zeros(oth, OW, device=accum)
+        for x0 in xs:
+            row_weight[:, x0 * s : x0 * s + otw] += weight
     top = 0  # padded-output row where the band starts
 
     result = out
@@ -222,6 +289,7 @@ def tiled_predict(
             w = wsum[a:b, cols]
             vals = acc[:, a:b, cols] / w.clamp_min(1e-12)
             vals[:, w == 0] = 0
+            vals = vals.cpu()
             rows = slice(a + top - off_y * s, b + top - off_y * s)
             if isinstance(result, torch.Tensor):
                 result[:, rows] = vals
@@ -256,24 +324,28 @@ def tiled_predict(
     bar = tqdm(total=len(tiles), desc="tiles", disable=not progress, leave=False)
     for group in batches():
         flush_until(group[0][0] * s)
-        x = torch.stack([src.tile(y, x0, th, tw) for (y, x0) in group]).to(device, non_blocking=True)
+        # uint8 tiles cross to the device as uint8 (4x fewer bytes) and become float there
+        x = to_float(torch.stack([src.raw_tile(y, x0, th, tw) for (y, x0) in group]).to(device, non_blocking=True))
         if amp is not None:
             with torch.autocast(device_type=device.type, dtype=amp):
                 pred = predictor(x)
         else:
             pred = predictor(x)
-        pred = pred.float().cpu()
+        pred = pred.float().to(accum)
         if pred.shape[-2:] != (oth, otw):
             raise ValueError(
                 f"predictor returned tiles of {tuple(pred.shape[-2:])}, expected {(oth, otw)} "
                 f"(tile {th}x{tw}, out_scale {s})"
             )
         if acc is None:
-            acc = torch.zeros((pred.shape[1], band_h, OW))
+            acc = torch.zeros((pred.shape[1], band_h, OW), device=accum)
         for (y, x0), p in zip(group, pred):
             r = y * s - top
             acc[:, r : r + oth, x0 * s : x0 * s + otw].addcmul_(p, weight)
-            wsum[r : r + oth, x0 * s : x0 * s + otw] += weight
+            if row_weight is None:
+                wsum[r : r + oth, x0 * s : x0 * s + otw] += weight
+            elif x0 == xs[0]:  # the first tile of a row adds the weights of the whole row at once
+                wsum[r : r + oth] += row_weight
         bar.update(len(group))
     bar.close()
     if acc is None:  # every tile filtered out
