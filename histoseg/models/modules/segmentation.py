@@ -161,7 +161,8 @@ class SegmentationTask(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._fwd or self.net)(x)
+        # `self._fwd or ...` would call len() on the compiled module, which smp models do not support
+        return (self._fwd if self._fwd is not None else self.net)(x)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.mode == "binary" else torch.softmax(logits, dim=1)
