@@ -259,9 +259,9 @@ def tiled_predict(
     weight = gaussian_weights((oth, otw), sigma_scale) if blend == "gaussian" else torch.ones(oth, otw)
     weight = weight.to(accum)
     tiles_per_row = max(len(xs), 1)
-    rows_per_batch = math.ceil(batch_size / tiles_per_row) + 1
+    rows_per_batch = math.ceil((batch_size - 1) / tiles_per_row) + 1  # tile rows one batch can touch
     stride_h = (ys[1] - ys[0]) if len(ys) > 1 else th
-    band_h = min(src.h, th + rows_per_batch * stride_h) * s
+    band_h = min(src.h, th + (rows_per_batch - 1) * stride_h) * s
     acc: torch.Tensor | None = None  # (K, band_h, OW), allocated on first output (K unknown before)
     wsum = torch.zeros(band_h, OW, device=accum)
     row_weight = None  # without a tile filter every row has tiles at all ``xs``: their summed weights, once
@@ -318,8 +318,16 @@ def tiled_predict(
         top = row
 
     def batches() -> Iterator[list[tuple[int, int]]]:
-        for i in range(0, len(tiles), batch_size):
-            yield tiles[i : i + batch_size]
+        """Up to ``batch_size`` tiles, cut early where a batch would reach below the band (possible when a
+        ``tile_filter`` leaves rows nearly empty, so a batch would span more rows than the band holds)."""
+        group: list[tuple[int, int]] = []
+        for t in tiles:
+            if group and (len(group) == batch_size or (t[0] - group[0][0]) * s + oth > band_h):
+                yield group
+                group = []
+            group.append(t)
+        if group:
+            yield group
 
     bar = tqdm(total=len(tiles), desc="tiles", disable=not progress, leave=False)
     for group in batches():
