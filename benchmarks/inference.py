@@ -17,7 +17,7 @@ import torch
 from benchmarks.common import Options, clock, module_main, progress, rate, ratio
 
 FULL = dict(model="unet_r34", image="monuseg/test/images", tile=256, overlap=0.25,
-            batch_size={"cpu": 8, "cuda": 32}, precisions=["fp32", "bf16"], repeats=2, image_shape=None)
+            batch_size={"cpu": 8, "cuda": 32}, precisions=["fp32", "bf16"], repeats=3, image_shape=None)
 QUICK = dict(model="tiny", image=None, tile=64, overlap=0.25, batch_size={"cpu": 4, "cuda": 4},
              precisions=["fp32", "bf16"], repeats=1, image_shape=[150, 230])
 

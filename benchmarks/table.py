@@ -68,12 +68,12 @@ def section(name: str, data: dict) -> list[str]:
         rows = []
         for v in tr["variants"]:
             if v.get("status") != "ok":
-                rows.append([v["variant"], v.get("status", "?"), "-", "-", "-", "-"])
+                rows.append([v["variant"], v.get("status", "?"), "-", "-", "-", "-", "-"])
                 continue
             rows.append([v["variant"], v["pipeline_img_s"], v["ceiling_img_s"], v["pipeline_vs_ceiling"],
-                         v["loader_vs_step"], v["first_step_s"]["ceiling"]])
-        lines += _table(["variant", "pipeline img/s", "ceiling img/s", "pipeline / ceiling", "loader / step",
-                         "first step s"], rows)
+                         v.get("pipeline_vs_ceiling_mean"), v["loader_vs_step"], v["first_step_s"]["ceiling"]])
+        lines += _table(["variant", "pipeline img/s", "ceiling img/s", "pipeline / ceiling", "(block means)",
+                         "loader / step", "first step s"], rows)
     inf_r = (b.get("inference") or {}).get("result")
     if inf_r:
         st = inf_r["settings"]

@@ -3,6 +3,8 @@
 * ``pipeline``: the real thing: ``HistoDataModule`` (real dataset, real aug, DataLoader workers), the real
   ``SegmentationTask`` (loss, metrics, logging, ``gpu_aug``) trained by a Lightning ``Trainer`` at the given
   precision; timed over ``steps`` optimizer steps after ``warm`` steps (data loading included).
+* rates use the *median* step time (robust to the stalls of a shared machine); ``*_mean`` variants use the
+  whole block; every step time is kept in ``step_s``.
 * ``ceiling``: the same task object (same net, ``channels_last`` / ``torch.compile`` settings, loss and
   optimizer) on a random batch already on the device: forward, loss, backward, optimizer step under the
   same autocast. Measured before and after the pipeline; the mean is the ceiling.
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.common import ROOT, Options, clock, compose, module_main, progress, rate, ratio
@@ -35,7 +38,7 @@ VARIANTS = {
 }
 FULL = dict(dataset="monuseg", model="unet_r34", model_overrides=[], patch_size=256, aug="light",
             batch_size={"cpu": 4, "cuda": 32}, workers={"cpu": 1, "cuda": 8}, warm={"cpu": 2, "cuda": 10},
-            steps={"cpu": 3, "cuda": 40}, loader_batches={"cpu": 6, "cuda": 40}, variants=list(VARIANTS),
+            steps={"cpu": 4, "cuda": 40}, loader_batches={"cpu": 6, "cuda": 40}, variants=list(VARIANTS),
             timeout_s=420, compile_timeout_s=540)
 QUICK = dict(dataset="tcia_nuclei", model="unet", model_overrides=["model.net.width=8", "model.net.depth=3"],
              patch_size=64, aug="light", batch_size={"cpu": 2, "cuda": 2}, workers={"cpu": 0, "cuda": 0},
@@ -81,11 +84,19 @@ def ceiling(task, device: torch.device, precision: str, s: dict, warm: int) -> d
         step()
         if i == 0:
             first = clock(device) - t
-    t0 = clock(device)
+    times = [clock(device)]
     for _ in range(s["steps"]):
         step()
-    t1 = clock(device)
-    return {"img_s": rate(s["steps"] * b, t1 - t0), "first_step_s": round(first, 2) if first is not None else None}
+        times.append(clock(device))
+    return {**step_rates(times, b), "first_step_s": round(first, 2) if first is not None else None}
+
+
+def step_rates(times: list[float], batch: int) -> dict:
+    """Images/s from step end times: over the median step (robust to a few stalled steps on a shared machine)
+    and over the whole block; plus the step times."""
+    dts = np.diff(np.asarray(times))
+    return {"img_s": rate(batch, float(np.median(dts))), "img_s_mean": rate(batch * len(dts), times[-1] - times[0]),
+            "step_s": [round(float(d), 4) for d in dts]}
 
 
 def pipeline(task, dm, device: torch.device, precision: str, s: dict) -> dict:
@@ -97,8 +108,7 @@ def pipeline(task, dm, device: torch.device, precision: str, s: dict) -> dict:
             self.t = {}
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx in (0, s["warm"] - 1, s["warm"] + s["steps"] - 1):
-                self.t[batch_idx] = clock(device)
+            self.t[batch_idx] = clock(device)  # an interval = fetching the batch + the whole training step
 
         def on_train_start(self, trainer, pl_module):
             self.t["start"] = clock(device)
@@ -110,9 +120,9 @@ def pipeline(task, dm, device: torch.device, precision: str, s: dict) -> dict:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
     )
     trainer.fit(task, datamodule=dm)
-    t0, t1 = cb.t[s["warm"] - 1], cb.t[s["warm"] + s["steps"] - 1]
-    return {"img_s": rate(s["steps"] * s["batch_size"], t1 - t0),
-            "first_step_s": round(cb.t[0] - cb.t["start"], 2), "steps_done": int(trainer.global_step)}
+    times = [cb.t[i] for i in range(s["warm"] - 1, s["warm"] + s["steps"])]
+    return {**step_rates(times, s["batch_size"]), "first_step_s": round(cb.t[0] - cb.t["start"], 2),
+            "steps_done": int(trainer.global_step)}
 
 
 def run_variant(opts: Options, name: str) -> dict:
@@ -161,6 +171,8 @@ def run_variant(opts: Options, name: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "ceiling_img_s": ceil, "ceiling_img_s_before": c1["img_s"], "ceiling_img_s_after": c2["img_s"],
         "pipeline_img_s": p["img_s"], "pipeline_vs_ceiling": ratio(p["img_s"], ceil),
+        "pipeline_vs_ceiling_mean": ratio(p["img_s_mean"], (c1["img_s_mean"] + c2["img_s_mean"]) / 2),
+        "step_s": {"ceiling_before": c1["step_s"], "pipeline": p["step_s"], "ceiling_after": c2["step_s"]},
         "loader_batches_s": round(loader_img_s / b, 3), "step_batches_s": round(ceil / b, 3),
         "loader_vs_step": ratio(loader_img_s, ceil),
         "first_step_s": {"ceiling": c1["first_step_s"], "pipeline": p["first_step_s"]},

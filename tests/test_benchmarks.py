@@ -186,3 +186,39 @@ def test_pin_memory_defaults_to_cuda_only(make_cfg):
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert isinstance(loader, DataLoader) and loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+
+
+def test_compile_option_runs_the_compiled_forward(monkeypatch):
+    """``model.compile=true`` (a benchmark variant) calls the compiled net; it used to call ``len()`` on it."""
+    import functools
+
+    from histoseg.models import SegmentationTask
+    from histoseg.models.backbones.unet import UNet
+
+    calls = []
+    eager = functools.partial(torch.compile, backend="eager")  # dynamo tracing only: seconds, not minutes
+
+    def spy(model, **kw):
+        calls.append(model)
+        return eager(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    task = SegmentationTask(net=UNet(in_channels=3, num_classes=1, depth=2, width=4), compile=True,
+                            channels_last=True)
+    task.setup("fit")
+    x = torch.rand(2, 3, 32, 32)
+    out = task(x)
+    assert calls == [task.net] and out.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(out, task.net(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_sparse_tile_filter_batches_never_overflow_the_band():
+    """A filter that keeps one tile per row makes a batch of 8 span 8 rows: it must be cut, not crash."""
+    from histoseg.inference import tiled_predict
+
+    net = torch.nn.Conv2d(3, 2, 1).eval()
+    img = torch.rand(3, 700, 300)
+    out = tiled_predict(img, net, (64, 64), 0.25, batch_size=8, device="cpu",
+                        tile_filter=lambda y, x, th, tw: x == 0)
+    torch.testing.assert_close(out[:, :, :48], net(img[None])[0, :, :, :48], atol=1e-5, rtol=0)
+    assert float(out[:, :, 64:].abs().max()) == 0.0  # columns no kept tile covers stay 0
