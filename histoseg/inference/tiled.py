@@ -17,6 +17,7 @@ therefore the tile batch plus ``O(width x tile height)``, independent of the ima
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 
@@ -247,7 +248,7 @@ def tiled_predict(
     src, (off_y, off_x) = _pad_small(src0, th, tw, border_pad, pad_mode)
     if batch_size == "auto":
         batch_size = auto_batch_size(predictor, (th, tw), device, src.c, autocast)
-    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    elif not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of tiles or 'auto', got {batch_size!r}")
     H0, W0, s = src0.h, src0.w, int(out_scale)
     ys, xs = tile_starts(src.h, th, overlap), tile_starts(src.w, tw, overlap)
