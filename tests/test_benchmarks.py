@@ -222,3 +222,30 @@ def test_sparse_tile_filter_batches_never_overflow_the_band():
                         tile_filter=lambda y, x, th, tw: x == 0)
     torch.testing.assert_close(out[:, :, :48], net(img[None])[0, :, :, :48], atol=1e-5, rtol=0)
     assert float(out[:, :, 64:].abs().max()) == 0.0  # columns no kept tile covers stay 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(border_pad=7), dict(out_scale=2), dict(batch_size=1),
+                                dict(tile_filter=lambda y, x, th, tw: (x // 48 + y // 48) % 3 != 0)])
+def test_vertical_stripes_give_the_one_pass_output(kw, tmp_path):
+    """``stripe_width`` bounds memory for wide images without changing a value (the growth benchmark's flat
+    memory); a conv model (3x3) so every blended pixel depends on its neighbours' tiles."""
+    from histoseg.inference import tiled_predict
+    from histoseg.inference.tiled import stripe_plan
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1).eval()
+    s = kw.get("out_scale", 1)
+    net = conv if s == 1 else (lambda x: torch.nn.functional.interpolate(conv(x), scale_factor=s))
+    img = torch.rand(3, 150, 530)
+    args = dict(tile_shape=(64, 64), overlap=0.3, device="cpu", **{"batch_size": 3, **kw})
+    one = tiled_predict(img, net, stripe_width=None, **args)
+    striped = tiled_predict(img, net, stripe_width=128, **args)
+    torch.testing.assert_close(striped, one, atol=1e-6, rtol=0)
+    out = np.lib.format.open_memmap(tmp_path / "o.npy", mode="w+", dtype=np.float32, shape=tuple(one.shape))
+    assert tiled_predict(img, net, stripe_width=100, out=out, **args) is out
+    np.testing.assert_allclose(out, one.numpy(), atol=1e-6)
+    plan = stripe_plan([0, 44, 88, 132, 176], 240, 64, 100)
+    assert [(a, b) for _, a, b in plan] == [(0, 100), (100, 200), (200, 240)]
+    assert plan[1][0] == [44, 88, 132, 176]  # every tile overlapping columns 100..199
+    with pytest.raises(ValueError, match="at least the tile width"):
+        stripe_plan([0, 44, 88], 200, 64, 32)
