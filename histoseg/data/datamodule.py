@@ -47,7 +47,8 @@ class HistoDataModule(L.LightningDataModule):
         patch_size: training patch side in pixels (the top-level ``patch_size`` key).
         batch_size: global batch size (divided across devices under DDP).
         samples_per_epoch: random patches per training epoch.
-        num_workers / pin_memory / persistent_workers: DataLoader settings.
+        num_workers / pin_memory / persistent_workers: DataLoader settings; ``pin_memory=None`` pins only when
+            the trainer runs on CUDA (page-locked host memory makes the copy asynchronous; on CPU it is pure cost).
         aug: an albumentations ``Compose`` (from ``conf/aug``) applied to training patches only.
         split: keyword arguments of :func:`histoseg.data.splits.make_split` plus ``save_dir``.
         pad: reflect padding added around each training image before patches are drawn.
@@ -68,7 +69,7 @@ class HistoDataModule(L.LightningDataModule):
         batch_size: int = 8,
         samples_per_epoch: int = 512,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         aug: Callable | None = None,
         split: dict | None = None,
@@ -93,7 +94,8 @@ class HistoDataModule(L.LightningDataModule):
         self.mpp = mpp if mpp is not None else reader.mpp
         self.patch_shape = (int(patch_size), int(patch_size))
         self.batch_size, self.samples_per_epoch = int(batch_size), int(samples_per_epoch)
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.num_workers = int(num_workers)
+        self.pin_memory_cfg = None if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.aug, self.targets, self.seed = aug, targets, int(seed)
         self.split_cfg = dict(split or {})
@@ -200,6 +202,15 @@ class HistoDataModule(L.LightningDataModule):
         if self.trainer is None:
             return None, None
         return self.trainer.global_rank, self.trainer.world_size
+
+    @property
+    def pin_memory(self) -> bool:
+        """``pin_memory`` as configured; ``None``: only when the trainer's device (or, without one, torch) is CUDA."""
+        if self.pin_memory_cfg is not None:
+            return self.pin_memory_cfg
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def _per_device_batch(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -6,14 +6,19 @@ call it. Tile positions and the Gaussian importance map follow MONAI's ``sliding
 (``mode="gaussian"``, ``sigma_scale=0.125``, i.e. sigma = tile/8 as nnU-Net), so both give the same
 output for the same model and settings.
 
+Speed: on CUDA the band is accumulated on the device (``accum_device``), so only finished rows cross to the
+host, and ``batch_size="auto"`` sizes tile batches from the free device memory (:func:`auto_batch_size`).
+
 Memory: tiles are accumulated into a horizontal *band* buffer (tile height plus the rows one batch can
-span) that is normalised and flushed to ``out`` as soon as no later tile can touch it. Peak memory is
-therefore the tile batch plus ``O(width x tile height)``, independent of the image height; pass an
+span) that is normalised and flushed to ``out`` as soon as no later tile can touch it; images wider than
+``stripe_width`` are processed in vertical stripes, each with its own band. Peak memory is therefore the tile
+batch plus ``O(min(width, stripe_width) x tile height)``, independent of the image size; pass an
 ``np.memmap``/``zarr``/``h5py`` array as ``out`` (and a memmap as the image) to keep huge images off RAM.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 
@@ -87,6 +92,11 @@ def with_tta(predictor: Predictor, mode: str | None) -> Predictor:
     return run
 
 
+def to_float(t: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1]; other dtypes -> float32 unchanged in value."""
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+
+
 class _ImageSource:
     """Uniform tile access for CHW tensors and HWC numpy arrays (uint8 -> [0,1] float per tile)."""
 
@@ -113,15 +123,16 @@ class _ImageSource:
             else:
                 self.c, self.h, self.w = arr.shape
 
-    def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+    def raw_tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        """CHW tile in the source dtype (uint8 stays uint8: batches are converted after the device transfer)."""
         if self.kind == "torch":
             return self.arr[:, y : y + th, x : x + tw]
         a = self.arr[y : y + th, x : x + tw] if self.hwc else self.arr[:, y : y + th, x : x + tw]
         a = np.asarray(a)
-        t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1) if self.hwc else a))
-        if t.dtype == torch.uint8:
-            return t.float().div_(255.0)
-        return t.float()
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1) if self.hwc else a))
+
+    def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
+        return to_float(self.raw_tile(y, x, th, tw))
 
 
 def _pad_small(src: _ImageSource, th: int, tw: int, border: int, mode: str):
@@ -139,6 +150,64 @@ def _pad_small(src: _ImageSource, th: int, tw: int, border: int, mode: str):
     return _ImageSource(padded[0], None), (pads[2], pads[0])
 
 
+def stripe_plan(xs: list[int], width: int, tile: int, stripe_width: int | None) -> list[tuple[list[int], int, int]]:
+    """Vertical stripes ``(tile columns, own0, own1)``: each stripe predicts every tile that overlaps its own
+    columns ``[own0, own1)`` (so those are complete, exactly as in one pass) and writes only them. Tiles on a
+    stripe border are predicted by both stripes (about ``tile / stripe_width`` extra work)."""
+    if stripe_width is None or width <= stripe_width or len(xs) == 1:
+        return [(list(xs), 0, width)]
+    if stripe_width < tile:
+        raise ValueError(f"stripe_width ({stripe_width}) must be at least the tile width ({tile})")
+    plan = []
+    for a in range(0, width, int(stripe_width)):
+        b = min(a + int(stripe_width), width)
+        plan.append(([x for x in xs if x + tile > a and x < b], a, b))
+    return plan
+
+
+AUTO_CPU_BATCH = 8  # batch_size="auto" on CPU: larger tile batches do not raise CPU throughput, only memory
+
+
+def batch_from_memory(free_bytes: int, peak_1: int, peak_2: int, memory_fraction: float = 0.5, max_batch: int = 64) -> int:
+    """Tile batch size that fits ``memory_fraction`` of ``free_bytes``, from the peak memory of a forward pass
+    of 1 and of 2 tiles (per-tile cost = the difference, fixed cost = the rest); between 1 and ``max_batch``."""
+    per_tile = max(int(peak_2) - int(peak_1), 1)
+    fixed = max(int(peak_1) - per_tile, 0)
+    n = int((free_bytes * memory_fraction - fixed) // per_tile)
+    return max(1, min(int(max_batch), n))
+
+
+@torch.no_grad()
+def auto_batch_size(
+    predictor: Predictor,
+    tile_shape: Sequence[int],
+    device: str | torch.device,
+    in_channels: int = 3,
+    autocast: str | None = None,
+    memory_fraction: float = 0.5,
+    max_batch: int = 64,
+) -> int:
+    """Tiles per forward pass for ``device``: on CUDA measured (two probe passes of 1 and 2 tiles, then
+    :func:`batch_from_memory` on the free memory); elsewhere :data:`AUTO_CPU_BATCH`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return AUTO_CPU_BATCH
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "", None)
+    peaks = []
+    for b in (1, 2):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        x = torch.zeros(b, in_channels, int(tile_shape[0]), int(tile_shape[1]), device=device)
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            predictor(x)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        del x
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_from_memory(free, peaks[0], peaks[1], memory_fraction, max_batch)
+
+
 @torch.no_grad()
 def tiled_predict(
     image: np.ndarray | torch.Tensor,
@@ -148,7 +217,7 @@ def tiled_predict(
     blend: str = "gaussian",
     sigma_scale: float = 0.125,
     out_scale: int = 1,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     device: str | torch.device | None = None,
     out: np.ndarray | None = None,
     out_dtype: np.dtype | None = None,
@@ -159,6 +228,8 @@ def tiled_predict(
     channels_last: bool | None = None,
     progress: bool = False,
     tile_filter: Callable[[int, int, int, int], bool] | None = None,
+    accum_device: str | torch.device | None = None,
+    stripe_width: int | None = 8192,
 ) -> torch.Tensor | np.ndarray:
     """Sliding-window prediction of one image of any size.
 
@@ -170,8 +241,9 @@ def tiled_predict(
         overlap: fraction of a tile shared with its neighbour (stride = ``int(tile*(1-overlap))``).
         blend: ``gaussian`` (sigma = ``sigma_scale`` x tile) or ``constant``.
         out_scale: output/input size ratio (4 for an x4 SR generator).
-        batch_size: tiles per forward pass.
-        device: where tiles go (default: CUDA if available, else CPU). Accumulation stays on CPU.
+        batch_size: tiles per forward pass, or ``"auto"`` (:func:`auto_batch_size`: from free memory on CUDA,
+            :data:`AUTO_CPU_BATCH` elsewhere).
+        device: where tiles go (default: CUDA if available, else CPU).
         out: optional ``(K, s*H, s*W)`` array-like (numpy, memmap, zarr, h5py) to write into; the
             return value is then ``out``. Default: a new float32 CPU tensor.
         tta: ``none``, ``flip`` (3 views) or ``d4`` (8 views).
@@ -179,6 +251,11 @@ def tiled_predict(
         border_pad: extra context pixels padded on every side (0 = MONAI behaviour).
         autocast: ``bf16`` / ``fp16`` to run the predictor under autocast (outputs are accumulated in fp32).
         tile_filter: ``f(y, x, th, tw) -> bool`` to skip tiles (their area gets 0 / untouched ``out``).
+        accum_device: where the band buffer is accumulated (default: ``device`` when it is CUDA, else CPU);
+            finished rows are copied to the host as they complete.
+        stripe_width: images wider than this (input pixels) are processed in vertical stripes of this width,
+            each with its own band (:func:`stripe_plan`; identical output), so memory does not grow with the
+            width either; ``None`` = one stripe.
     """
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
@@ -186,100 +263,143 @@ def tiled_predict(
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accum = torch.device(accum_device) if accum_device is not None else (device if device.type == "cuda" else torch.device("cpu"))
     src0 = _ImageSource(image, channels_last)
     src, (off_y, off_x) = _pad_small(src0, th, tw, border_pad, pad_mode)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(predictor, (th, tw), device, src.c, autocast)
+    elif not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of tiles or 'auto', got {batch_size!r}")
     H0, W0, s = src0.h, src0.w, int(out_scale)
     ys, xs = tile_starts(src.h, th, overlap), tile_starts(src.w, tw, overlap)
     tiles = [(y, x) for y in ys for x in xs]
     if tile_filter is not None:
         tiles = [(y, x) for (y, x) in tiles if tile_filter(y - off_y, x - off_x, th, tw)]
 
-    oth, otw, OW = th * s, tw * s, src.w * s
+    oth, otw = th * s, tw * s
     weight = gaussian_weights((oth, otw), sigma_scale) if blend == "gaussian" else torch.ones(oth, otw)
-    tiles_per_row = max(len(xs), 1)
-    rows_per_batch = math.ceil(batch_size / tiles_per_row) + 1
-    stride_h = (ys[1] - ys[0]) if len(ys) > 1 else th
-    band_h = min(src.h, th + rows_per_batch * stride_h) * s
-    acc: torch.Tensor | None = None  # (K, band_h, OW), allocated on first output (K unknown before)
-    wsum = torch.zeros(band_h, OW)
-    top = 0  # padded-output row where the band starts
-
+    weight = weight.to(accum)
     result = out
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "", None)
-
-    def write(r0: int, r1: int) -> None:
-        """Normalise band rows [r0, r1) (padded output coords) and store the unpadded part."""
-        nonlocal result
-        lo, hi = max(r0, off_y * s), min(r1, (off_y + H0) * s)
-        if hi <= lo:
-            return
-        cols = slice(off_x * s, (off_x + W0) * s)
-        if result is None:
-            result = torch.zeros((acc.shape[0], H0 * s, W0 * s), dtype=torch.float32)
-        step = max(1, (1 << 20) // max(W0 * s, 1))  # row chunks: temporaries stay ~1M values, not band-sized
-        for a in range(lo - top, hi - top, step):
-            b = min(a + step, hi - top)
-            w = wsum[a:b, cols]
-            vals = acc[:, a:b, cols] / w.clamp_min(1e-12)
-            vals[:, w == 0] = 0
-            rows = slice(a + top - off_y * s, b + top - off_y * s)
-            if isinstance(result, torch.Tensor):
-                result[:, rows] = vals
-            else:
-                v = vals.numpy()
-                result[:, rows, :] = v.astype(out_dtype) if out_dtype is not None else v
-
-    def shift_up(buf: torch.Tensor, k: int) -> None:
-        """``buf[..., :n-k, :] = buf[..., k:, :]``, zero the last ``k`` rows: copied in disjoint blocks of
-        ``k`` rows, so no band-sized temporary is allocated."""
-        n = buf.shape[-2]
-        for r in range(0, n - k, k):
-            m = min(k, n - k - r)
-            buf[..., r : r + m, :] = buf[..., r + k : r + k + m, :]
-        buf[..., max(n - k, 0) :, :] = 0
-
-    def flush_until(row: int) -> None:
-        """Rows above ``row`` (padded output coords) are final: write them and slide the band."""
-        nonlocal top
-        if acc is None or row <= top:
-            return
-        write(top, min(row, top + band_h))
-        k = min(row - top, band_h)
-        shift_up(acc, k)
-        shift_up(wsum, k)
-        top = row
-
-    def batches() -> Iterator[list[tuple[int, int]]]:
-        for i in range(0, len(tiles), batch_size):
-            yield tiles[i : i + batch_size]
-
     bar = tqdm(total=len(tiles), desc="tiles", disable=not progress, leave=False)
-    for group in batches():
-        flush_until(group[0][0] * s)
-        x = torch.stack([src.tile(y, x0, th, tw) for (y, x0) in group]).to(device, non_blocking=True)
-        if amp is not None:
-            with torch.autocast(device_type=device.type, dtype=amp):
+
+    def run_stripe(sx: list[int], own0: int, own1: int) -> bool:
+        """Predict the tiles whose column is in ``sx`` and write output columns ``[own0, own1)`` (padded input
+        coords), which those tiles cover completely. Returns whether any tile was predicted."""
+        nonlocal result
+        left, width = sx[0], sx[-1] + tw - sx[0]  # the band spans the stripe's tiles
+        OW = width * s
+        in_stripe = set(sx)
+        stiles = [(y, x) for (y, x) in tiles if x in in_stripe]
+        tiles_per_row = max(len(sx), 1)
+        rows_per_batch = math.ceil((batch_size - 1) / tiles_per_row) + 1  # tile rows one batch can touch
+        stride_h = (ys[1] - ys[0]) if len(ys) > 1 else th
+        band_h = min(src.h, th + (rows_per_batch - 1) * stride_h) * s
+        acc: torch.Tensor | None = None  # (K, band_h, OW), allocated on first output (K unknown before)
+        wsum = torch.zeros(band_h, OW, device=accum)
+        row_weight = None  # without a tile filter every row has tiles at all ``sx``: their summed weights, once
+        if tile_filter is None:
+            row_weight = torch.zeros(oth, OW, device=accum)
+            for x0 in sx:
+                row_weight[:, (x0 - left) * s : (x0 - left) * s + otw] += weight
+        top = 0  # padded-output row where the band starts
+        c0, c1 = max(own0, off_x) * s, min(own1, off_x + W0) * s  # written columns, padded output coords
+
+        def write(r0: int, r1: int) -> None:
+            """Normalise band rows [r0, r1) (padded output coords) and store the unpadded part."""
+            nonlocal result
+            lo, hi = max(r0, off_y * s), min(r1, (off_y + H0) * s)
+            if hi <= lo or c1 <= c0:
+                return
+            cols = slice(c0 - left * s, c1 - left * s)
+            out_cols = slice(c0 - off_x * s, c1 - off_x * s)
+            if result is None:
+                result = torch.zeros((acc.shape[0], H0 * s, W0 * s), dtype=torch.float32)
+            step = max(1, (1 << 20) // max(c1 - c0, 1))  # row chunks: temporaries stay ~1M values
+            for a in range(lo - top, hi - top, step):
+                b = min(a + step, hi - top)
+                w = wsum[a:b, cols]
+                vals = acc[:, a:b, cols] / w.clamp_min(1e-12)
+                vals[:, w == 0] = 0
+                vals = vals.cpu()
+                rows = slice(a + top - off_y * s, b + top - off_y * s)
+                if isinstance(result, torch.Tensor):
+                    result[:, rows, out_cols] = vals
+                else:
+                    v = vals.numpy()
+                    result[:, rows, out_cols] = v.astype(out_dtype) if out_dtype is not None else v
+
+        def shift_up(buf: torch.Tensor, k: int) -> None:
+            """``buf[..., :n-k, :] = buf[..., k:, :]``, zero the last ``k`` rows: copied in disjoint blocks of
+            ``k`` rows, so no band-sized temporary is allocated."""
+            n = buf.shape[-2]
+            for r in range(0, n - k, k):
+                m = min(k, n - k - r)
+                buf[..., r : r + m, :] = buf[..., r + k : r + k + m, :]
+            buf[..., max(n - k, 0) :, :] = 0
+
+        def flush_until(row: int) -> None:
+            """Rows above ``row`` (padded output coords) are final: write them and slide the band."""
+            nonlocal top
+            if row <= top:
+                return
+            if acc is None:  # nothing predicted yet (a tile_filter skipped the first rows): just move the band
+                top = row
+                return
+            write(top, min(row, top + band_h))
+            k = min(row - top, band_h)
+            shift_up(acc, k)
+            shift_up(wsum, k)
+            top = row
+
+        def batches() -> Iterator[list[tuple[int, int]]]:
+            """Up to ``batch_size`` tiles, cut early where a batch would reach below the band (possible when a
+            ``tile_filter`` leaves rows nearly empty, so a batch would span more rows than the band holds)."""
+            group: list[tuple[int, int]] = []
+            for t in stiles:
+                if group and (len(group) == batch_size or (t[0] - group[0][0]) * s + oth > band_h):
+                    yield group
+                    group = []
+                group.append(t)
+            if group:
+                yield group
+
+        for group in batches():
+            flush_until(group[0][0] * s)
+            # uint8 tiles cross to the device as uint8 (4x fewer bytes) and become float there
+            x = to_float(torch.stack([src.raw_tile(y, x0, th, tw) for (y, x0) in group]).to(device, non_blocking=True))
+            if amp is not None:
+                with torch.autocast(device_type=device.type, dtype=amp):
+                    pred = predictor(x)
+            else:
                 pred = predictor(x)
-        else:
-            pred = predictor(x)
-        pred = pred.float().cpu()
-        if pred.shape[-2:] != (oth, otw):
-            raise ValueError(
-                f"predictor returned tiles of {tuple(pred.shape[-2:])}, expected {(oth, otw)} "
-                f"(tile {th}x{tw}, out_scale {s})"
-            )
+            pred = pred.float().to(accum)
+            if pred.shape[-2:] != (oth, otw):
+                raise ValueError(
+                    f"predictor returned tiles of {tuple(pred.shape[-2:])}, expected {(oth, otw)} "
+                    f"(tile {th}x{tw}, out_scale {s})"
+                )
+            if acc is None:
+                acc = torch.zeros((pred.shape[1], band_h, OW), device=accum)
+            for (y, x0), p in zip(group, pred):
+                r, c = y * s - top, (x0 - left) * s
+                acc[:, r : r + oth, c : c + otw].addcmul_(p, weight)
+                if row_weight is None:
+                    wsum[r : r + oth, c : c + otw] += weight
+                elif x0 == sx[0]:  # the first tile of a row adds the weights of the whole row at once
+                    wsum[r : r + oth] += row_weight
+            bar.update(len(group))
         if acc is None:
-            acc = torch.zeros((pred.shape[1], band_h, OW))
-        for (y, x0), p in zip(group, pred):
-            r = y * s - top
-            acc[:, r : r + oth, x0 * s : x0 * s + otw].addcmul_(p, weight)
-            wsum[r : r + oth, x0 * s : x0 * s + otw] += weight
-        bar.update(len(group))
+            return False
+        while top < src.h * s:
+            flush_until(min(top + band_h, src.h * s))
+        return True
+
+    predicted = False
+    for sx, own0, own1 in stripe_plan(xs, src.w, tw, stripe_width):
+        predicted |= run_stripe(sx, own0, own1)
     bar.close()
-    if acc is None:  # every tile filtered out
+    if not predicted:  # every tile filtered out
         if result is None:
             raise ValueError("tile_filter rejected every tile and no `out` array was given")
-        return result
-    while top < src.h * s:
-        flush_until(min(top + band_h, src.h * s))
     return result

@@ -46,6 +46,8 @@ class SegmentationTask(L.LightningModule):
         inference: tiled inference settings for val/test (tile_shape, overlap, batch_size, tta, blend).
         postprocess: a :class:`PostProcessor` (instances for AJI/PQ at test time).
         channels_last / compile: speed options (``torch.compile`` wraps the forward, weights stay plain).
+        gpu_aug: batch augmentation applied to training batches on the device at the start of the training
+            step (:class:`histoseg.aug.gpu.BatchAug`, ``conf/gpu_aug``); ``None`` = off.
         report_dir: where test writes ``per_image.csv`` / ``summary.json`` (default: the logger's dir).
         model_config: resolved config stored in checkpoints (set by ``histoseg.tasks.train``).
 
@@ -70,6 +72,7 @@ class SegmentationTask(L.LightningModule):
         model_config: dict | None = None,
         heads: dict[str, int] | None = None,
         head_activations: dict[str, str] | None = None,
+        gpu_aug: Callable[..., dict] | None = None,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -102,6 +105,7 @@ class SegmentationTask(L.LightningModule):
         self.data_info: dict = {}
         self.report_meta: dict = {}  # extra keys for summary.json (histoseg-eval: checkpoint, split)
         self._fwd = None
+        self.gpu_aug = gpu_aug
         self.metrics = nn.ModuleDict({f"{s}_metrics": SegMetrics(self.num_classes) for s in ("train", "val", "test")})
         self.val_loss = MeanMetric()
         self.val_dice_best = MaxMetric()
@@ -161,7 +165,8 @@ class SegmentationTask(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._fwd or self.net)(x)
+        # `self._fwd or ...` would call len() on the compiled module, which smp models do not support
+        return (self._fwd if self._fwd is not None else self.net)(x)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.mode == "binary" else torch.softmax(logits, dim=1)
@@ -236,6 +241,8 @@ class SegmentationTask(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.gpu_aug is not None:  # on the device, seeded by (rank, epoch, batch index): resumable
+            batch = self.gpu_aug(batch, self.global_rank, self.current_epoch, batch_idx)
         logits = self(batch["image"])
         if self.heads:
             loss = self.loss_fn(self.split(logits), batch)
