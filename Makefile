@@ -36,11 +36,11 @@ results: $(STAMP) ## regenerate the results tables (README.md, experiments/*/REA
 	$(PY) experiments/make_table.py
 
 format: $(STAMP) ## ruff format + fix
-	$(PY) -m ruff check --fix histoseg tests train.py
-	$(PY) -m ruff format histoseg tests train.py
+	$(PY) -m ruff check --fix histoseg tests benchmarks train.py
+	$(PY) -m ruff format histoseg tests benchmarks train.py
 
 lint: $(STAMP) ## ruff check
-	$(PY) -m ruff check histoseg tests train.py
+	$(PY) -m ruff check histoseg tests benchmarks train.py
 
 clean: ## remove logs and caches (keeps .venv)
 	rm -rf logs outputs multirun .cache .pytest_cache

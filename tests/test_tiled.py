@@ -84,23 +84,40 @@ def test_out_scale_for_upsampling_predictors():
 
 
 # ---------------------------------------------------------------------- hooks used by whole-slide inference
-def test_regions_of_the_grid_reproduce_the_whole_image_run():
+@pytest.mark.parametrize("stripe_width", [None, 100])
+def test_regions_of_the_grid_reproduce_the_whole_image_run(stripe_width):
+    """Regions (also cut into vertical stripes) write exactly the whole-image values; ``tile_batches`` plans the
+    tiles a region run reads."""
     from histoseg.inference import tile_batches
 
     net = conv_net()
     img = torch.rand(3, 300, 417)
-    full = tiled_predict(img, net, (64, 64), 0.25, batch_size=5, device="cpu")
+    kw = dict(batch_size=5, device="cpu", stripe_width=stripe_width)
+    full = tiled_predict(img, net, (64, 64), 0.25, batch_size=5, device="cpu", stripe_width=None)
     out = np.full((2, 300, 417), np.nan, np.float32)
     for y0 in range(0, 300, 128):
         for x0 in range(0, 417, 160):
             region = (y0, min(y0 + 128, 300), x0, min(x0 + 160, 417))
-            assert tiled_predict(img, net, (64, 64), 0.25, batch_size=5, device="cpu", out=out, region=region) is out
+            assert tiled_predict(img, net, (64, 64), 0.25, out=out, region=region, **kw) is out
     assert np.abs(out - full.numpy()).max() < 1e-5  # every pixel written, equal to the whole-image run
-    part = tiled_predict(img, net, (64, 64), 0.25, batch_size=5, device="cpu", region=(50, 170, 100, 290))
+    part = tiled_predict(img, net, (64, 64), 0.25, region=(50, 170, 100, 290), **kw)
     torch.testing.assert_close(part, full[:, 50:170, 100:290], atol=1e-5, rtol=0)
-    # a region's tiles are those of the whole grid that overlap it
-    tiles = [t for g in tile_batches((300, 417), (64, 64), 0.25, 5, region=(50, 170, 100, 290)) for t in g]
-    assert min(y for y, _ in tiles) < 50 and max(y for y, _ in tiles) + 64 > 169 and len(set(tiles)) == len(tiles)
+    # a region's tiles are those of the whole grid that overlap it; stripes re-read the tiles on their borders
+    tiles = [t for g in tile_batches((300, 417), (64, 64), 0.25, 5, region=(50, 170, 100, 290),
+                                     stripe_width=stripe_width) for t in g]
+    assert min(y for y, _ in tiles) < 50 and max(y for y, _ in tiles) + 64 > 169
+    assert min(x for _, x in tiles) < 100 and max(x for _, x in tiles) + 64 > 289
+    assert (len(set(tiles)) == len(tiles)) == (stripe_width is None)
+    seen = []
+
+    def reader(batches):
+        for g in batches:
+            seen.append(g)
+            yield torch.stack([img[:, y : y + 64, x : x + 64] for y, x in g])
+
+    got = tiled_predict(img, net, (64, 64), 0.25, region=(50, 170, 100, 290), read_batches=reader, **kw)
+    torch.testing.assert_close(got, part, atol=0, rtol=0)
+    assert [t for g in seen for t in g] == tiles
 
 
 def test_sparse_tile_filter_read_batches_and_empty_value():

@@ -5,14 +5,16 @@
   non_tumour=2, boundary=3`` drawn black / red / green / blue;
 * any other number of classes: a fixed qualitative palette (black background, then matplotlib tab10).
 
-(The cellularity reader holds the same table for decoding masks; the two should be merged into one.)
+The cellularity colours are defined once, by the reader of that format
+(:mod:`histoseg.data.readers.cellularity`, which also decodes noisy masks).
 """
 from __future__ import annotations
 
 import numpy as np
 
-CELLULARITY_CLASSES = ("background", "tumour", "non_tumour", "boundary")
-CELLULARITY_PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+from histoseg.data.readers.cellularity import CLASS_NAMES as CELLULARITY_CLASSES  # noqa: F401 (re-export)
+from histoseg.data.readers.cellularity import PALETTE as CELLULARITY_PALETTE
+
 # black, then matplotlib's tab10 (for class maps that are neither binary nor the cellularity encoding)
 GENERIC_PALETTE = np.array(
     [[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from histoseg.data.datasets import EpochSampler, InMemorySource, PatchDataset, WholeImageDataset, worker_init
+from histoseg.data.datasets import (
+    EpochSampler,
+    InMemorySource,
+    PatchDataset,
+    ShardSampler,
+    WholeImageDataset,
+    worker_init,
+)
 from histoseg.data.io import DataError
 from histoseg.data.readers.base import Reader
 from histoseg.data.sample import Sample
@@ -41,7 +48,8 @@ class HistoDataModule(L.LightningDataModule):
         patch_size: training patch side in pixels (the top-level ``patch_size`` key).
         batch_size: global batch size (divided across devices under DDP).
         samples_per_epoch: random patches per training epoch.
-        num_workers / pin_memory / persistent_workers: DataLoader settings.
+        num_workers / pin_memory / persistent_workers: DataLoader settings; ``pin_memory=None`` pins only when
+            the trainer runs on CUDA (page-locked host memory makes the copy asynchronous; on CPU it is pure cost).
         aug: an albumentations ``Compose`` (from ``conf/aug``) applied to training patches only.
         split: keyword arguments of :func:`histoseg.data.splits.make_split` plus ``save_dir``.
         pad: reflect padding added around each training image before patches are drawn.
@@ -62,7 +70,7 @@ class HistoDataModule(L.LightningDataModule):
         batch_size: int = 8,
         samples_per_epoch: int = 512,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         aug: Callable | None = None,
         split: dict | None = None,
@@ -87,7 +95,8 @@ class HistoDataModule(L.LightningDataModule):
         self.mpp = mpp if mpp is not None else reader.mpp
         self.patch_shape = (int(patch_size), int(patch_size))
         self.batch_size, self.samples_per_epoch = int(batch_size), int(samples_per_epoch)
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.num_workers = int(num_workers)
+        self.pin_memory_cfg = None if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.aug, self.targets, self.seed = aug, targets, int(seed)
         self.split_cfg = dict(split or {})
@@ -189,6 +198,21 @@ class HistoDataModule(L.LightningDataModule):
             raise ValueError(f"dataset {self.name!r}: the training pipeline fails on its first patch: {e}") from e
 
     # ------------------------------------------------------------------ loaders
+    def _rank_world(self) -> tuple[int | None, int | None]:
+        """The trainer's global rank and world size (``None``: ask torch.distributed, see EpochSampler)."""
+        if self.trainer is None:
+            return None, None
+        return self.trainer.global_rank, self.trainer.world_size
+
+    @property
+    def pin_memory(self) -> bool:
+        """``pin_memory`` as configured; ``None``: only when the trainer's device (or, without one, torch) is CUDA."""
+        if self.pin_memory_cfg is not None:
+            return self.pin_memory_cfg
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _per_device_batch(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
@@ -199,7 +223,7 @@ class HistoDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_set,
             batch_size=self._per_device_batch(),
-            sampler=EpochSampler(len(self.train_set)),
+            sampler=EpochSampler(len(self.train_set), *self._rank_world()),  # disjoint patch keys per rank
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
@@ -208,7 +232,9 @@ class HistoDataModule(L.LightningDataModule):
         )
 
     def _whole_loader(self, ds) -> DataLoader:
-        return DataLoader(ds, batch_size=1, num_workers=0, pin_memory=self.pin_memory)
+        # under DDP each rank scores its own share of the images; torchmetrics syncs the counts
+        return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), *self._rank_world()), num_workers=0,
+                          pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._whole_loader(self.val_set)

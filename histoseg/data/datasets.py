@@ -22,17 +22,62 @@ def to_tensor_image(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
 
 
-class EpochSampler(Sampler):
-    """Yields ``(epoch, i)`` keys for ``i < length``; Lightning calls ``set_epoch`` every epoch."""
+def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the given values, else those of the initialised process group, else ``(0, 1)``."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        on = dist.is_available() and dist.is_initialized()
+        rank = (dist.get_rank() if on else 0) if rank is None else rank
+        world_size = (dist.get_world_size() if on else 1) if world_size is None else world_size
+    rank, world_size = int(rank), int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world size {world_size}")
+    return rank, world_size
 
-    def __init__(self, length: int, shuffle: bool = False):
-        self.length, self.epoch = int(length), 0
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, i)`` patch keys; Lightning calls ``set_epoch`` every epoch.
+
+    Under DDP each rank takes a disjoint block of ``length // world_size`` indices, so the ranks together
+    draw the same patches as one process would (up to the remainder) and never the same patch twice.
+    ``rank`` / ``world_size`` default to the initialised process group (single process: 0 / 1).
+    """
+
+    def __init__(self, length: int, rank: int | None = None, world_size: int | None = None):
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+        self.total, self.epoch = int(length), 0
+        self.length = self.total // self.world_size
+        if self.length < 1:
+            raise ValueError(f"samples_per_epoch={self.total} is smaller than the number of processes {self.world_size}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
-        return iter((self.epoch, i) for i in range(self.length))
+        start = self.rank * self.length
+        return iter((self.epoch, i) for i in range(start, start + self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ShardSampler(Sampler):
+    """Whole-image indices split across DDP ranks (``rank::world_size``), each rank getting the same count.
+
+    Real images are plain indices. Ranks whose share is one short get a padding key ``(0, True)``:
+    :class:`WholeImageDataset` marks that item ``padding`` and the tasks skip it, so every image is scored
+    exactly once (no duplicates in the synced metrics or the per-image report) while every rank runs the
+    same number of steps (DDP forwards are collective). A single process never sees a padding key.
+    """
+
+    def __init__(self, length: int, rank: int | None = None, world_size: int | None = None):
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+        self.total = int(length)
+        self.length = -(-self.total // self.world_size)
+
+    def __iter__(self):
+        own = list(range(self.rank, self.total, self.world_size))
+        return iter(own + [(0, True)] * (self.length - len(own)))
 
     def __len__(self) -> int:
         return self.length
@@ -132,7 +177,8 @@ class WholeImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, padding = key if isinstance(key, tuple) else (int(key), False)
         s = self.samples[i]
         item = {
             "image": to_tensor_image(s.image),
@@ -142,6 +188,8 @@ class WholeImageDataset(Dataset):
         }
         if s.instances is not None:
             item["instances"] = torch.from_numpy(s.instances.astype(np.int32))
+        if padding:
+            item["padding"] = True  # a DDP filler (see ShardSampler): run, but do not score
         return item
 
 

@@ -254,8 +254,14 @@ class PatchStoreSource:
             raise DataError(f"{self.path}: stored patches are {sw}x{sh}, smaller than the requested crop {pw}x{ph}")
         i = int(rng.integers(self.n))
         y, x = int(rng.integers(0, sh - ph + 1)), int(rng.integers(0, sw - pw + 1))
+        return self.crop(i, y, x, (ph, pw))
+
+    def crop(self, i: int, y: int, x: int, shape: tuple[int, int]):
+        """``(image, mask, instances or None, case_id)`` of stored patch ``i`` at ``(y, x)``, ``shape`` pixels
+        (only the chunk of patch ``i`` is read)."""
+        ph, pw = (int(s) for s in shape)
         f = self._file()
-        sl = (i, slice(y, y + ph), slice(x, x + pw))
+        sl = (int(i), slice(y, y + ph), slice(x, x + pw))
         image, mask = f["image"][sl], f["mask"][sl]
         inst = f["instances"][sl] if self.has_instances and f["instance_known"][i] else None
         return image, mask, inst, self.case_ids[int(f["case_index"][i])]

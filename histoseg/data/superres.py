@@ -196,7 +196,7 @@ class SRWholeImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
         item = self.images[i]
         h, w = item["image"].shape[-2:]
         ys, xs = centre_crop_box(h, w, self.degradation.scale, self.crop_shape)
@@ -208,6 +208,8 @@ class SRWholeImageDataset(Dataset):
         for k in ("mask", "instances"):
             if k in item:
                 out[k] = item[k][ys, xs].contiguous()
+        if "padding" in item:  # a DDP filler (see histoseg.data.datasets.ShardSampler): run, do not score
+            out["padding"] = True
         out["lr"] = self.degradation(out["hr"], case_seed(self.seed, item["case_id"]))
         return out
 

@@ -1,5 +1,10 @@
 """Models: backbone registry (``backbones/``) and LightningModules (``modules/``)."""
-from histoseg.models.registry import available_backbones, build_backbone, get_backbone_class, register_backbone
+from histoseg.models.registry import (
+    available_backbones,
+    build_backbone,
+    get_backbone_class,
+    register_backbone,
+)
 
 __all__ = ["available_backbones", "build_backbone", "get_backbone_class", "register_backbone", "SegmentationTask", "load_task"]
 

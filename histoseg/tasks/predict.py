@@ -39,6 +39,7 @@ from histoseg.analysis.figures import overlay_contours
 from histoseg.analysis.morphometry import NUCLEI_KEYS, cellularity, nuclei_stats
 from histoseg.analysis.palette import colorize
 from histoseg.data.io import DataError, atomic_write_bytes, atomic_write_text, read_image, write_image
+from histoseg.models.loading import load_task
 from histoseg.tasks.restore import resolve_device, restore_task
 from histoseg.tasks.utils import ConfigError, check_mandatory, task_wrapper, write_run_metadata
 from histoseg.utils.logging import get_logger
@@ -106,18 +107,35 @@ def resolve_mpp(mpp: float | None, task, ckpt_path: str) -> float:
 
 
 # ---------------------------------------------------------------------- per image
-def make_predict_one(task, device) -> Callable[[np.ndarray], dict]:
-    """``image (HxWx3 uint8) -> {"probs", "labels", "instances"}``: the one model call per image.
+def make_predict_one(task, device, sr_task=None, sr_cfg=None) -> Callable[[np.ndarray], dict]:
+    """``image (HxWx3 uint8) -> {"probs", "labels", "instances"[, "image"]}``: the one model call per image.
 
-    This is the seam for longer pipelines (e.g. LR -> super-resolution -> segmentation): they wrap or
-    replace this function and keep the rest of :func:`predict`.
+    With ``sr_task`` (a super-resolution checkpoint), the image is first super-resolved tile by tile
+    (Gaussian-blended overlapping tiles, :func:`histoseg.inference.superres.super_resolve`) and the
+    segmentation runs on the SR image, returned as ``"image"`` (outputs and overlays refer to it).
     """
     task.to(device).eval()
+    if sr_task is None:
 
-    def predict_one(image: np.ndarray) -> dict:
-        return task.predict_image(image)
+        def predict_one(image: np.ndarray) -> dict:
+            return task.predict_image(image)
 
-    return predict_one
+        return predict_one
+
+    from histoseg.inference.superres import super_resolve
+
+    sr_task.to(device).eval()
+    sr_cfg = dict(sr_cfg or {})
+
+    def predict_sr_then_segment(image: np.ndarray) -> dict:
+        sr = super_resolve(
+            image, sr_task, tile_shape=tuple(sr_cfg.get("tile_shape", (64, 64))), overlap=sr_cfg.get("overlap", 0.25),
+            batch_size=sr_cfg.get("batch_size", 4), device=device,
+        )
+        sr_u8 = (sr.clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).numpy()
+        return {**task.predict_image(sr_u8), "image": sr_u8}
+
+    return predict_sr_then_segment
 
 
 def image_report(result: dict, mpp: float, num_classes: int, report_cfg) -> dict:
@@ -226,7 +244,19 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
             cellularity(np.zeros((1, 1), np.uint8), cfg.report.tumour_classes, cfg.report.nucleus_classes)
         except ValueError as e:
             raise ConfigError(f"report: {e}") from None
-    predict_one = make_predict_one(task, device)
+    sr_task = None
+    if cfg.get("sr_ckpt"):
+        sr_task = load_task(cfg.sr_ckpt)
+        if not hasattr(sr_task, "discriminator") and getattr(sr_task.net, "scale", 1) == 1:
+            raise ConfigError(f"sr_ckpt={cfg.sr_ckpt} is not a super-resolution checkpoint")
+        scale = int(sr_task.net.scale)
+        if cfg.mpp is not None:
+            mpp = float(cfg.mpp) / scale  # mpp describes the LR inputs; reports refer to SR pixels
+        log.info("super-resolving inputs x%d with %s before segmentation", scale, cfg.sr_ckpt)
+        if any(slides):
+            raise ConfigError(f"sr_ckpt: super-resolution before segmentation takes images, not whole slides "
+                              f"({sum(slides)} slide(s) in input={cfg.input})")
+    predict_one = make_predict_one(task, device, sr_task, cfg.get("sr"))
     write_run_metadata(cfg, out)
     log.info("Predicting %d image(s) and %d slide(s) with %s into %s", slides.count(False), slides.count(True),
              cfg.ckpt_path, out)
@@ -243,6 +273,10 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
                 else:
                     image = read_image(path)
                     result = predict_one(image)
+                    if "image" in result:  # the pipeline changed the image (super-resolution)
+                        image = result.pop("image")
+                        if cfg.save.get("sr_image", True):
+                            write_image(out / "sr" / f"{name}.png", image)
                     row.update(height=image.shape[0], width=image.shape[1])
                     row.update(write_outputs(name, image, result, out, task.num_classes, cfg.save))
                     row.update(image_report(result, mpp, task.num_classes, cfg.report))

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from histoseg.analysis.morphometry import nuclei_stats
 from histoseg.inference.superres import bicubic_upsample, super_resolve
 from histoseg.utils.logging import get_logger
 
@@ -32,50 +33,7 @@ __all__ = ["super_resolve", "bicubic_upsample", "evaluate_sr_pipeline", "nuclei_
 
 log = get_logger(__name__)
 
-NUCLEI_KEYS = (
-    "nuclei_count",
-    "density_per_mm2",
-    "area_mean_px",
-    "area_median_px",
-    "area_mean_um2",
-    "area_median_um2",
-    "eccentricity_mean",
-    "solidity_mean",
-)
 
-
-def nuclei_stats(instances: np.ndarray, mpp: float | None) -> dict[str, float]:
-    """Count, density (per mm^2 of image) and mean area / shape of the nuclei of one instance map.
-
-    Minimal local version of ``histoseg.analysis.morphometry.nuclei_stats`` (same signature and keys,
-    written in parallel on another branch; the lead keeps one at merge). Shape descriptors are
-    scikit-image ``regionprops``: eccentricity (0 = circle) and solidity (area / convex area).
-    ``mpp=None`` leaves the physical-unit fields NaN.
-    """
-    from skimage.measure import regionprops_table
-
-    inst = np.asarray(instances)
-    if inst.ndim != 2 or not np.issubdtype(inst.dtype, np.integer):
-        raise ValueError(f"instances must be an HxW integer map, got shape {inst.shape} dtype {inst.dtype}")
-    nan = float("nan")
-    px_um2 = float(mpp) ** 2 if mpp else nan
-    props = regionprops_table(
-        inst.astype(np.int32, copy=False), properties=("area", "eccentricity", "solidity")
-    )
-    area = np.asarray(props["area"], np.float64)
-    n = len(area)
-    out = {"nuclei_count": n, "density_per_mm2": n / (inst.size * px_um2 * 1e-6) if mpp else nan}
-    if n == 0:
-        return {**out, **{k: nan for k in NUCLEI_KEYS[2:]}}
-    return {
-        **out,
-        "area_mean_px": float(area.mean()),
-        "area_median_px": float(np.median(area)),
-        "area_mean_um2": float(area.mean() * px_um2),
-        "area_median_um2": float(np.median(area) * px_um2),
-        "eccentricity_mean": float(np.mean(props["eccentricity"])),
-        "solidity_mean": float(np.mean(props["solidity"])),
-    }
 
 
 def _instances_of(pred: dict) -> np.ndarray:

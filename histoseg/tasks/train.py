@@ -56,6 +56,8 @@ def build_task(cfg: DictConfig, datamodule=None):
         extra["inference"] = OmegaConf.to_container(cfg.inference, resolve=True)
     if postprocess is not None:
         extra["postprocess"] = postprocess
+    if cfg.get("gpu_aug"):
+        extra["gpu_aug"] = build(cfg.gpu_aug, "gpu_aug")
     if cfg.get("paths") and cfg.paths.get("output_dir"):
         extra["report_dir"] = cfg.paths.output_dir
     task = build(cfg.model, "model", **extra)
@@ -76,6 +78,14 @@ def check_config(cfg: DictConfig) -> None:
             f"dataset {cfg.dataset.get('name')!r} is a super-resolution dataset (HR/LR pairs) but model "
             f"{cfg.model._target_} segments; train it with task=sr"
         )
+    tr = cfg.trainer
+    if "ddp" in str(tr.get("strategy", "auto")) and tr.get("use_distributed_sampler", True):
+        raise ConfigError(
+            "trainer.strategy is DDP but trainer.use_distributed_sampler is not false: histoseg's samplers already "
+            "give each rank its own patches and images; use trainer=ddp or set trainer.use_distributed_sampler=false"
+        )
+    if cfg.get("gpu_aug") and hasattr(hydra.utils.get_class(cfg.model._target_), "from_config"):
+        raise ConfigError(f"gpu_aug is implemented for segmentation only; {cfg.model._target_} does not apply it")
     monitor = cfg.get("monitor")
     ckpt = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if ckpt and monitor and ckpt.get("monitor") not in (None, monitor):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from histoseg.data.io import atomic_write_text
-from histoseg.inference.tiled import tile_batches, tiled_predict
+from histoseg.inference.tiled import auto_batch_size, tile_batches, tiled_predict
 from histoseg.utils.logging import get_logger
 from histoseg.wsi.slide import SlideError
 from histoseg.wsi.tiles import SlideTileSource, _Batches
@@ -195,7 +195,9 @@ def predict_blocks(
     from tqdm.auto import tqdm
 
     th, tw = (int(v) for v in inference["tile_shape"])
-    overlap, bs = float(inference["overlap"]), int(inference["batch_size"])
+    overlap, bs = float(inference["overlap"]), inference["batch_size"]
+    if bs == "auto":  # resolved once here: the loader plans the batches of every block in advance
+        bs = auto_batch_size(predictor, (th, tw), device, source.c, inference.get("autocast"))
     if source.h < th or source.w < tw:
         raise SlideError(f"{source.path}: {source.h}x{source.w} model pixels is smaller than one tile ({th}x{tw})")
     done = progress.done("infer")

@@ -72,7 +72,8 @@ class SlideTileSource:
         return self.slide.read_scaled(y * g.scale, x * g.scale, (th, tw), g.scale, g.level)
 
     def tile(self, y: int, x: int, th: int, tw: int) -> torch.Tensor:
-        return torch.from_numpy(self.read(y, x, th, tw).transpose(2, 0, 1).copy()).float().div_(255.0)
+        """``(3, th, tw)`` uint8 (``tiled_predict`` scales it to [0, 1] on the device)."""
+        return torch.from_numpy(self.read(y, x, th, tw).transpose(2, 0, 1).copy())
 
 
 class _Batches(torch.utils.data.Dataset):

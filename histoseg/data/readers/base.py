@@ -98,6 +98,7 @@ class Reader(ABC):
 
     def check(self, case_ids: list[str]) -> None:
         """Cheap validation at setup (before training): default reads nothing. Readers override."""
+        return None
 
     def prepare(self) -> None:
         """Build derived files the reader needs (called once by ``HistoDataModule.prepare_data``, after any

@@ -99,9 +99,10 @@ def decode_cellularity_mask(rgb: np.ndarray, tolerance: float = 100.0, source: s
 
 
 def cellularity_of(labels: np.ndarray) -> float:
-    """Tumour-nucleus area / all-nucleus area of a class map (NaN when it holds no nucleus)."""
-    t, n = int((labels == 1).sum()), int((labels == 2).sum())
-    return t / (t + n) if t + n else float("nan")
+    """Tumour-nucleus area / all-nucleus area of a class map, as a fraction (NaN when it holds no nucleus)."""
+    from histoseg.analysis.morphometry import cellularity
+
+    return cellularity(labels, tumour_classes=[1], nucleus_classes=[1, 2]) / 100.0
 
 
 # ---------------------------------------------------------------------------------------------- reader

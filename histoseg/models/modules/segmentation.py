@@ -46,6 +46,8 @@ class SegmentationTask(L.LightningModule):
         inference: tiled inference settings for val/test (tile_shape, overlap, batch_size, tta, blend).
         postprocess: a :class:`PostProcessor` (instances for AJI/PQ at test time).
         channels_last / compile: speed options (``torch.compile`` wraps the forward, weights stay plain).
+        gpu_aug: batch augmentation applied to training batches on the device at the start of the training
+            step (:class:`histoseg.aug.gpu.BatchAug`, ``conf/gpu_aug``); ``None`` = off.
         report_dir: where test writes ``per_image.csv`` / ``summary.json`` (default: the logger's dir).
         model_config: resolved config stored in checkpoints (set by ``histoseg.tasks.train``).
 
@@ -70,6 +72,7 @@ class SegmentationTask(L.LightningModule):
         model_config: dict | None = None,
         heads: dict[str, int] | None = None,
         head_activations: dict[str, str] | None = None,
+        gpu_aug: Callable[..., dict] | None = None,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -102,10 +105,15 @@ class SegmentationTask(L.LightningModule):
         self.data_info: dict = {}
         self.report_meta: dict = {}  # extra keys for summary.json (histoseg-eval: checkpoint, split)
         self._fwd = None
+        self.gpu_aug = gpu_aug
         self.metrics = nn.ModuleDict({f"{s}_metrics": SegMetrics(self.num_classes) for s in ("train", "val", "test")})
         self.val_loss = MeanMetric()
         self.val_dice_best = MaxMetric()
         self.test_rows: list[dict] = []
+        # the first ``val_keep`` whole-image validation predictions of an epoch (image, mask, pred, case_id)
+        # on this rank, for callbacks that show them (histoseg.callbacks.ValidationPanels sets val_keep)
+        self.val_keep = 0
+        self.val_examples: list[dict] = []
 
     def _check_heads(self, heads) -> dict[str, int] | None:
         if not heads:
@@ -157,7 +165,8 @@ class SegmentationTask(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._fwd or self.net)(x)
+        # `self._fwd or ...` would call len() on the compiled module, which smp models do not support
+        return (self._fwd if self._fwd is not None else self.net)(x)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.mode == "binary" else torch.softmax(logits, dim=1)
@@ -232,6 +241,8 @@ class SegmentationTask(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.gpu_aug is not None:  # on the device, seeded by (rank, epoch, batch index): resumable
+            batch = self.gpu_aug(batch, self.global_rank, self.current_epoch, batch_idx)
         logits = self(batch["image"])
         if self.heads:
             loss = self.loss_fn(self.split(logits), batch)
@@ -263,9 +274,17 @@ class SegmentationTask(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.metrics["val_metrics"].reset()
         self.val_loss.reset()
+        self.val_examples = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._whole_image_step(batch, "val")
+        if "padding" in batch:  # DDP filler so that ranks run equal step counts; every image is scored once
+            return
+        _, preds = self._whole_image_step(batch, "val")
+        if len(self.val_examples) < self.val_keep:
+            self.val_examples.append({
+                "case_id": batch["case_id"][0], "image": batch["image"][0].detach().cpu(),
+                "mask": batch["mask"][0].detach().cpu(), "pred": preds[0].detach().cpu(),
+            })
 
     def on_validation_epoch_end(self) -> None:
         scores = self.metrics["val_metrics"].compute()
@@ -282,7 +301,9 @@ class SegmentationTask(L.LightningModule):
         self.metrics["test_metrics"].reset()
         self.test_rows = []
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
+    def test_step(self, batch: dict, batch_idx: int) -> dict | None:
+        if "padding" in batch:  # DDP filler (see ShardSampler): every image is scored once
+            return None
         logits, preds = self._whole_image_step(batch, "test")
         maps = self.maps_from_raw(logits)
         post = self.postprocess(maps if self.heads else maps["probs"])
@@ -296,19 +317,8 @@ class SegmentationTask(L.LightningModule):
         return {"labels": post["labels"], "instances": post["instances"], "scores": row}  # for figure callbacks
 
     def on_test_epoch_end(self) -> None:
-        rows = self.test_rows
-        if self.trainer.world_size > 1:
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        summary = summarize(rows)
-        for k, v in summary["mean"].items():
-            self.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
-        if self.trainer.is_global_zero:
-            out = Path(self.report_dir or (self.trainer.log_dir or self.trainer.default_root_dir))
-            write_report(rows, summary, out, extra={"postprocess": self.postprocess.config(), "inference": self.inference,
-                                                    **self.report_meta})
-            log.info("whole-image test report written to %s", out)
+        finish_test(self, self.test_rows, {"postprocess": self.postprocess.config(), "inference": self.inference,
+                                           **self.report_meta})
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -341,6 +351,23 @@ class SegmentationTask(L.LightningModule):
         stored = checkpoint.get("histoseg", {}).get("dataset")
         if stored:
             self.data_info = dict(stored)
+
+
+def finish_test(module: L.LightningModule, rows: list[dict], extra: dict) -> None:
+    """End of a whole-image test: gather per-image rows from all ranks, log the means as ``test/*`` and
+    write ``per_image.csv`` + ``summary.json`` (rank 0) into the module's ``report_dir``."""
+    trainer = module.trainer
+    if trainer.world_size > 1:
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    summary = summarize(rows)
+    for k, v in summary["mean"].items():
+        module.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
+    if trainer.is_global_zero and rows:
+        out = Path(module.report_dir or (trainer.log_dir or trainer.default_root_dir))
+        write_report(rows, summary, out, extra=extra)
+        log.info("whole-image test report written to %s", out)
 
 
 def summarize(rows: list[dict]) -> dict:

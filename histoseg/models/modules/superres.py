@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn as nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from histoseg.inference.superres import bicubic_upsample, super_resolve
 from histoseg.losses.gan import AdversarialLoss, PerceptualLoss, PixelLoss
+from histoseg.metrics.image import image_quality as metric_image_quality
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,9 @@ def _image_quality(
         p, t = p[..., border:-border, border:-border], t[..., border:-border, border:-border]
     if quantize:
         p, t = (p.clamp(0, 1) * 255).round() / 255, (t.clamp(0, 1) * 255).round() / 255
-    psnr = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(p, t, data_range=1.0, reduction="none")
-    return {"psnr": float(psnr.clamp(max=max_psnr)[0]), "ssim": float(ssim[0])}
+    return metric_image_quality(p, t, data_range=1.0, max_db=max_psnr)
+
+
 
 
 class SuperResolutionTask(L.LightningModule):
@@ -381,6 +380,8 @@ class SuperResolutionTask(L.LightningModule):
                 m.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if "padding" in batch:  # DDP filler (see ShardSampler): every image is scored once
+            return
         self._quality_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -400,30 +401,21 @@ class SuperResolutionTask(L.LightningModule):
         self.test_rows = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if "padding" in batch:
+            return
         row = self._quality_step(batch, "test")
         self.test_rows.append({"case_id": batch["case_id"][0], **row})
 
     def on_test_epoch_end(self) -> None:
-        from histoseg.models.modules.segmentation import summarize, write_report
+        from histoseg.models.modules.segmentation import finish_test
 
-        rows = self.test_rows
-        if self.trainer.world_size > 1:
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        summary = summarize(rows)
-        for k, v in summary["mean"].items():
-            self.log(f"test/{k}", float(v), rank_zero_only=True, sync_dist=False)
-        if self.trainer.is_global_zero and rows:
-            out = Path(self.report_dir or (self.trainer.log_dir or self.trainer.default_root_dir))
-            extra = {
-                "inference": self.inference,
-                "scale": self.scale,
-                "metric_border": self.metric_border,
-                "degradation": self.train_degradation,
-            }
-            write_report(rows, summary, out, extra=extra)
-            log.info("whole-image SR test report written to %s", out)
+        extra = {
+            "inference": self.inference,
+            "scale": self.scale,
+            "metric_border": self.metric_border,
+            "degradation": self.train_degradation,
+        }
+        finish_test(self, self.test_rows, extra)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

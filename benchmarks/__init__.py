@@ -1,0 +1,1 @@
+"""histoseg benchmarks: ``python -m benchmarks.run`` (``make bench``); see benchmarks/README.md."""
