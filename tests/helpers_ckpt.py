@@ -21,10 +21,20 @@ class PointwiseNet(nn.Module):
         return self.conv(x)
 
 
+class BoxNet(PointwiseNet):
+    """A ``k x k`` convolution (replicate padding): like :class:`PointwiseNet` with a receptive field, so tile and
+    image borders change its output."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, k: int = 5):
+        super().__init__(in_channels, num_classes)
+        self.conv = nn.Conv2d(in_channels, num_classes, k, padding=k // 2, padding_mode="replicate")
+
+
 def dark_is_nucleus(net: PointwiseNet) -> None:
-    """Binary: logit = 20 * (0.55 - mean(RGB)): dark (haematoxylin) pixels are foreground."""
+    """Binary: logit = 20 * (0.55 - mean(RGB)) (over the kernel's window): dark (haematoxylin) pixels are
+    foreground."""
     with torch.no_grad():
-        net.conv.weight.fill_(-20.0 / 3)
+        net.conv.weight.fill_(-20.0 / net.conv.weight[0].numel())
         net.conv.bias.fill_(20 * 0.55)
 
 

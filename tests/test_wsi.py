@@ -409,3 +409,106 @@ def test_input_index_picks_one_input_and_past_the_end_does_nothing(tmp_path, syn
     assert obj["rows"][0]["nuclei_count"] != obj["rows"][0]["nuclei_count"]  # NaN: no instances configured
     summary, obj = predict(wsi_cfg(tmp_path, ckpt, folder, "input_index=5"))
     assert summary["n_images"] == 0 and summary["n_errors"] == 0
+
+
+# ---------------------------------------------------------------------- the test slides
+def test_synthetic_test_slide_is_a_tiled_pyramid_with_its_exact_mask(syn):
+    from histoseg.data.readers.synthetic import generate_tile
+
+    with tifffile.TiffFile(syn.path) as tf:
+        page = tf.series[0].levels[0].pages[0]
+        assert page.is_tiled and len(tf.series[0].levels) >= 3 and "XResolution" in page.tags
+    (y0, y1, _, _), (_, _, x2, x3) = syn.tissue_boxes[0], syn.tissue_boxes[1]
+    img, ins = generate_tile(0, 1, (y1 - y0, x3 - x2))  # the second generator tile, and its instance map
+    np.testing.assert_array_equal(syn.image[y0:y1, x2:x3], img)
+    np.testing.assert_array_equal(syn.instances[y0:y1, x2:x3] > 0, ins > 0)
+    inside = np.zeros(syn.instances.shape, bool)
+    for a, b, c, d in syn.tissue_boxes:
+        inside[a:b, c:d] = True
+    assert syn.instances[~inside].max() == 0 and len(np.unique(syn.instances)) - 1 == syn.instances.max()
+
+
+MOSAIC_IDS = 4  # MoNuSeg test images in a 2 x 2 mosaic (~2.6k px square): seconds
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory, data_dir):
+    from histoseg.wsi.testslides import monuseg_mosaic
+
+    root = data_dir / "monuseg"
+    from histoseg.data.readers.monuseg import MoNuSegReader
+
+    ids = MoNuSegReader(root).official_split()["test"][:MOSAIC_IDS]
+    m = monuseg_mosaic(root, ids=ids, cols=2)
+    path = m.write(tmp_path_factory.mktemp("mosaic") / "mosaic.tif", mpp=0.25)
+    return m, path, root
+
+
+@pytest.mark.data
+def test_monuseg_mosaic_slide_is_a_tiled_pyramid_with_mpp_and_known_mask(mosaic):
+    from histoseg.data.readers.monuseg import MoNuSegReader
+
+    m, path, root = mosaic
+    assert is_slide(path)
+    with tifffile.TiffFile(path) as tf:
+        assert tf.series[0].levels[0].pages[0].is_tiled and len(tf.series[0].levels) >= 3
+    reader = MoNuSegReader(root)
+    mask = m.render_mask()
+    with Slide(path) as s:
+        assert s.shape == m.shape == mask.shape and s.mpp == pytest.approx(0.25)
+        for y0, y1, x0, x1, k in m.boxes():  # each cell holds its MoNuSeg image (lossless) and mask
+            sample = reader.read(m.names[k])
+            np.testing.assert_array_equal(s.read_region(y0, x0, (y1 - y0, x1 - x0)), sample.image)
+            np.testing.assert_array_equal(mask[y0:y1, x0:x1], sample.mask > 0)
+        gap = s.read_region(0, 0, (m.margin, m.shape[1]))  # the blank margin is glass
+        assert gap.min() > 200 and mask[: m.margin].max() == 0
+    assert len(m.boxes()) == MOSAIC_IDS and mask.mean() > 0.05
+
+
+@pytest.mark.data
+def test_whole_slide_dice_on_the_mosaic_agrees_with_per_image_evaluation(tmp_path, mosaic):
+    """``histoseg-predict`` on the mosaic slide (tissue detection, streamed tiles, streamed post-processing, mask
+    TIFF) scores the same pooled Dice against the MoNuSeg masks as the model's own per-image evaluation
+    (``SegmentationTask.test_step``) of the same images. The 5x5 'dark is nucleus' model sees across tile and
+    image borders, so the two differ a little at the cell borders (blank glass vs padding)."""
+    from torchmetrics.functional.classification import binary_stat_scores
+
+    from histoseg.data.readers.monuseg import MoNuSegReader
+    from histoseg.tasks.predict import predict
+    from tests.helpers_ckpt import BoxNet  # noqa: F401  (the net_config target)
+
+    m, path, root = mosaic
+    box = {"_target_": "tests.helpers_ckpt.BoxNet", "_partial_": True, "k": 5}
+    post = {"instances": "connected", "min_size": 10}
+    ckpt = write_checkpoint(tmp_path / "box.ckpt", 2, dark_is_nucleus, post, mpp=0.25, dataset="monuseg",
+                            net_config=box, inference={"tile_shape": [256, 256], "overlap": 0.25, "batch_size": 8})
+    cfg = compose_cfg(tmp_path / "out", f"ckpt_path={ckpt}", f"input={path}", "wsi.num_workers=0", "progress=false",
+                      "wsi.block_shape=[1024,1024]", base=[], config_name="predict")
+    summary, obj = predict(cfg)
+    assert summary["n_ok"] == 1, summary
+    with Slide(Path(cfg.wsi.output_dir) / "mosaic" / "mosaic_mask.ome.tif") as s:
+        pred = s.read_region(0, 0, s.shape)[..., 0] > 0
+    truth = m.render_mask()
+
+    def stats(p, t):
+        return binary_stat_scores(torch.from_numpy(np.ascontiguousarray(p)).long().reshape(-1),
+                                  torch.from_numpy(np.ascontiguousarray(t)).long().reshape(-1)).numpy()
+
+    tp, fp, _, fn, _ = stats(pred, truth)
+    slide_dice = 2 * tp / (2 * tp + fp + fn)
+
+    task, reader, total, differ = restore(ckpt).eval(), MoNuSegReader(root), np.zeros(5, np.int64), []
+    for y0, y1, x0, x1, k in m.boxes():
+        sample = reader.read(m.names[k])
+        batch = {"image": torch.from_numpy(sample.image.transpose(2, 0, 1).copy()).float()[None] / 255,
+                 "mask": torch.from_numpy((sample.mask > 0).astype(np.int64))[None], "case_id": [m.names[k]]}
+        labels = task.test_step(batch, k)["labels"]
+        total += stats(labels > 0, sample.mask > 0)
+        np.testing.assert_array_equal(truth[y0:y1, x0:x1], sample.mask > 0)
+        differ.append(float(((labels > 0) != pred[y0:y1, x0:x1]).mean()))  # pixel by pixel, in place
+    tp, fp, _, fn, _ = total
+    image_dice = 2 * tp / (2 * tp + fp + fn)
+    assert 0.2 < image_dice < 0.95  # a real, imperfect segmentation (not all or nothing)
+    assert abs(slide_dice - image_dice) <= 0.01, (slide_dice, image_dice)
+    assert max(differ) < 0.01, differ  # the same pixels, aligned (a 1 px shift differs on a few %)
+    assert (pred & (truth == 0)).sum() <= fp + 0.01 * truth.sum()  # no nuclei invented on the blank glass either
