@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import ROOT, Options, module_main, progress
+from benchmarks.common import ROOT, Options, module_main, progress, rate, ratio
 
 TILE, OVERLAP, BATCH = 256, 0.25, 8
 INFERENCE = {"tile_shape": [TILE, TILE], "overlap": OVERLAP, "batch_size": BATCH, "tta": "none", "blend": "gaussian"}
@@ -41,6 +41,11 @@ UNET = {"_target_": "histoseg.models.backbones.unet.UNet", "_partial_": True, "d
         "batch_norm": False}
 MODELS = ("pointwise", "unet")
 TISSUE = ("monuseg", "synthetic")
+
+
+def _sig(v: float) -> float:
+    """``v`` to 4 significant digits."""
+    return float(f"{v:.4g}")
 
 
 def make_mosaic(side: int, tissue: str = "monuseg"):
@@ -136,10 +141,10 @@ def throughput(side: int, work: Path, threads: int, workers: int, device: torch.
         tissue_mpix = float(row["tissue_area_mm2"]) / (0.25e-3) ** 2 / 1e6
         slide_s = float(row["infer_seconds"])
         out["models"][kind] = {
-            "tissue_mpix": round(tissue_mpix, 2), "tiles": kept, "grid_tiles": total,
-            "slide_infer_s": round(slide_s, 2), "slide_total_s": round(total_s, 2), "in_memory_s": round(mem_s, 2),
-            "slide_mpix_per_s": round(tissue_mpix / slide_s, 3), "in_memory_mpix_per_s": round(tissue_mpix / mem_s, 3),
-            "ratio": round(mem_s / slide_s, 3), "post_s": round(float(row["post_seconds"]), 2),
+            "tissue_mpix": _sig(tissue_mpix), "tiles": kept, "grid_tiles": total,
+            "slide_infer_s": _sig(slide_s), "slide_total_s": _sig(total_s), "in_memory_s": _sig(mem_s),
+            "slide_mpix_per_s": rate(tissue_mpix, slide_s), "in_memory_mpix_per_s": rate(tissue_mpix, mem_s),
+            "ratio": ratio(mem_s, slide_s), "post_s": _sig(float(row["post_seconds"])),
         }
         progress(f"wsi: {kind}: slide {out['models'][kind]['slide_mpix_per_s']} MPix/s, in memory "
                  f"{out['models'][kind]['in_memory_mpix_per_s']} MPix/s, ratio {out['models'][kind]['ratio']}")
@@ -277,13 +282,13 @@ def run(opts: Options) -> dict:
     with tempfile.TemporaryDirectory(dir=opts.work_dir) as tmp:
         work = Path(tmp)
         progress(f"wsi: throughput on a {s['ratio_side']} px mosaic ({', '.join(s['models'])})")
-        ratio = throughput(s["ratio_side"], work, threads, s["workers"], device, s["models"], s["tissue"])
+        speed = throughput(s["ratio_side"], work, threads, s["workers"], device, s["models"], s["tissue"])
         progress(f"wsi: peak memory for {s['sizes']}")
         mem = memory(s["sizes"], work, threads, s["workers"], device, s["tissue"])
     return {
         "settings": {**s, "tile": TILE, "overlap": OVERLAP, "batch": BATCH, "threads": threads, "device": str(device),
                      "block_shape": [8192, 8192], "compression": "jpeg", "mpp": 0.25},
-        "ratio": ratio,
+        "ratio": speed,
         "memory": mem,
         "notes": "ratio = in-memory tiled_predict seconds / streaming inference seconds on the same tissue tiles "
                  "(= slide MPix/s / in-memory MPix/s); slide_total_s adds tissue detection, post-processing and "

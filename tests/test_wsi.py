@@ -486,7 +486,10 @@ def test_whole_slide_dice_on_the_mosaic_agrees_with_per_image_evaluation(tmp_pat
                       "wsi.block_shape=[1024,1024]", base=[], config_name="predict")
     summary, obj = predict(cfg)
     assert summary["n_ok"] == 1, summary
-    with Slide(Path(cfg.wsi.output_dir) / "mosaic" / "mosaic_mask.ome.tif") as s:
+    out = Path(cfg.wsi.output_dir) / "mosaic"
+    for f in ("mosaic_mask.ome.tif", "mosaic.geojson", "summary.csv", "mosaic_overlay.png"):  # the four outputs
+        assert (out / f).is_file(), f
+    with Slide(out / "mosaic_mask.ome.tif") as s:
         pred = s.read_region(0, 0, s.shape)[..., 0] > 0
     truth = m.render_mask()
 
