@@ -53,10 +53,14 @@ def section(name: str, data: dict) -> list[str]:
     g = goals.get("pipeline_ge_0.9_ceiling_bf16")
     li = goals.get("loader_ge_2x_step")
     inf = goals.get("inference_at_least_monai")
+    ws_g, wm = goals.get("wsi_slide_ge_0.8_in_memory"), goals.get("wsi_memory_flat")
     lines.append("Goals: pipeline >= 0.9 x ceiling (bf16, GPU goal): "
                  f"{_f(g and g['value'])} ({_hit(g) if env.get('device', '').startswith('cuda') else 'CPU: reported only'}); "
                  f"loader >= 2 x step: {_f(li and li['value'])} ({_hit(li)}); "
-                 f"inference >= MONAI: {_f(inf and inf['value'])} ({_hit(inf)}).")
+                 f"inference >= MONAI: {_f(inf and inf['value'])} ({_hit(inf)})"
+                 + (f"; slide >= 0.8 x in-memory: {_f(ws_g['value'])} ({_hit(ws_g)})" if ws_g else "")
+                 + (f"; slide memory flat (largest / smallest peak RSS <= 1.25): {_f(wm['largest_vs_smallest'])} "
+                    f"({_hit(wm)})" if wm else "") + ".")
     lines.append("")
 
     tr = (b.get("training") or {}).get("result")
@@ -95,6 +99,25 @@ def section(name: str, data: dict) -> list[str]:
             rows.append([f"{r['size']}", r["seconds"], r["s_per_mp"], r["time_vs_smallest_per_pixel"],
                          r["peak_heap_growth_mib"], r["vm_hwm_mib"]])
         lines += _table(["side px", "seconds", "s / MP", "s/MP vs smallest", "peak heap MiB", "VmHWM MiB"], rows)
+    ws = (b.get("wsi") or {}).get("result")
+    if ws:
+        e, st, ra = b["wsi"], ws["settings"], ws["ratio"]
+        lines.append(f"**Whole-slide inference** (`{e.get('command', '?')}` on {e.get('date', '?')}, git "
+                     f"{e.get('git', '?')}; {ra['side']} px mosaic of {ra['tissue_source']}, tile {st['tile']}, "
+                     f"overlap {st['overlap']}, batch {st['batch']}, {st['threads']} thread(s), {st['workers']} "
+                     f"tile-reading worker(s); load {e.get('loadavg_before')}):")
+        lines.append("")
+        lines += _table(["model", "tissue MPix", "slide MPix/s", "in-memory MPix/s", "slide / in-memory",
+                         "slide total s (with post-processing)"],
+                        [[k, m["tissue_mpix"], m["slide_mpix_per_s"], m["in_memory_mpix_per_s"], m["ratio"],
+                          m["slide_total_s"]] for k, m in ra["models"].items()])
+        rows = []
+        for r in ws["memory"]:
+            if r.get("status") != "ok":
+                rows.append([str(r["side"]), r.get("status", "?"), "-", "-", "-"])
+                continue
+            rows.append([str(r["side"]), r["peak_rss_mb"], r["workers_peak_rss_mb"], r["wall_s"], r["nuclei"]])
+        lines += _table(["slide side px", "peak RSS MB", "worker peak RSS MB", "histoseg-predict s", "nuclei"], rows)
     dp = (b.get("data") or {}).get("result")
     if dp:
         st = dp["settings"]

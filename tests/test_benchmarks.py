@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import data_pipeline, growth, inference, run, table, training
+from benchmarks import data_pipeline, growth, inference, run, table, training, wsi_bench
 from benchmarks.common import Options
 
 
@@ -33,6 +33,12 @@ def quick_inference(opts) -> dict:
 @pytest.fixture(scope="module")
 def quick_growth(opts) -> dict:
     return growth.run(Options(**{**opts.__dict__, "extra": {"sizes": [192, 320]}}))
+
+
+@pytest.fixture(scope="module")
+def quick_wsi(opts) -> dict:
+    extra = {"ratio_side": 1024, "sizes": [768, 1280], "models": ["pointwise"], "tissue": "synthetic", "workers": 1}
+    return wsi_bench.run(Options(**{**opts.__dict__, "extra": extra}))
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +255,30 @@ def test_vertical_stripes_give_the_one_pass_output(kw, tmp_path):
     assert plan[1][0] == [44, 88, 132, 176]  # every tile overlapping columns 100..199
     with pytest.raises(ValueError, match="at least the tile width"):
         stripe_plan([0, 44, 88], 200, 64, 32)
+
+
+def test_wsi_benchmark_measures_the_slide_against_in_memory_and_memory_per_size(quick_wsi):
+    m = quick_wsi["ratio"]["models"]["pointwise"]
+    assert quick_wsi["ratio"]["tissue_source"] == "synthetic generator"
+    assert 0 < m["tiles"] < m["grid_tiles"]  # the blank margins are skipped
+    assert m["ratio"] == pytest.approx(m["in_memory_s"] / m["slide_infer_s"], rel=0.05)
+    assert m["slide_mpix_per_s"] == pytest.approx(m["tissue_mpix"] / m["slide_infer_s"], rel=0.05)
+    rows = quick_wsi["memory"]
+    assert [r["side"] for r in rows] == [768, 1280] and all(r["status"] == "ok" for r in rows), rows
+    for r in rows:  # measured in a fresh process per size, with its tile-reading worker
+        assert r["peak_rss_mb"] >= r["rss_before_mb"] > 0 and r["workers_peak_rss_mb"] > 0
+        assert r["total_peak_rss_mb"] > r["workers_peak_rss_mb"] and r["nuclei"] > 0
+    with pytest.raises(ValueError, match="unknown wsi benchmark setting"):
+        wsi_bench.settings(Options(quick=True, extra={"side": 3}))
+
+
+def test_wsi_goals_and_table(quick_wsi):
+    entries = {"wsi": {"result": quick_wsi, "command": "python -m benchmarks.run --only wsi", "git": "abc"}}
+    goals = run.goals(entries, "cpu")
+    g = goals["wsi_slide_ge_0.8_in_memory"]
+    assert g["value"] == quick_wsi["ratio"]["models"]["pointwise"]["ratio"] and g["hit"] == (g["value"] >= 0.8)
+    mem = goals["wsi_memory_flat"]
+    assert mem["sides"] == [768, 1280] and mem["largest_vs_smallest"] == pytest.approx(
+        mem["peak_rss_mb"][1] / mem["peak_rss_mb"][0], rel=1e-2)
+    text = table.render({"cpu-test": {"env": {"device": "cpu"}, "benchmarks": entries, "goals": goals}})
+    assert "Whole-slide inference" in text and "`python -m benchmarks.run --only wsi`" in text and "| 1280 |" in text

@@ -81,3 +81,70 @@ def test_out_scale_for_upsampling_predictors():
     img = torch.rand(3, 70, 90)
     out = tiled_predict(img, up, (32, 32), 0.25, out_scale=2, device="cpu")
     torch.testing.assert_close(out, up(img[None])[0], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------- hooks used by whole-slide inference
+@pytest.mark.parametrize("stripe_width", [None, 100])
+def test_regions_of_the_grid_reproduce_the_whole_image_run(stripe_width):
+    """Regions (also cut into vertical stripes) write exactly the whole-image values; ``tile_batches`` plans the
+    tiles a region run reads."""
+    from histoseg.inference import tile_batches
+
+    net = conv_net()
+    img = torch.rand(3, 300, 417)
+    kw = dict(batch_size=5, device="cpu", stripe_width=stripe_width)
+    full = tiled_predict(img, net, (64, 64), 0.25, batch_size=5, device="cpu", stripe_width=None)
+    out = np.full((2, 300, 417), np.nan, np.float32)
+    for y0 in range(0, 300, 128):
+        for x0 in range(0, 417, 160):
+            region = (y0, min(y0 + 128, 300), x0, min(x0 + 160, 417))
+            assert tiled_predict(img, net, (64, 64), 0.25, out=out, region=region, **kw) is out
+    assert np.abs(out - full.numpy()).max() < 1e-5  # every pixel written, equal to the whole-image run
+    part = tiled_predict(img, net, (64, 64), 0.25, region=(50, 170, 100, 290), **kw)
+    torch.testing.assert_close(part, full[:, 50:170, 100:290], atol=1e-5, rtol=0)
+    # a region's tiles are those of the whole grid that overlap it; stripes re-read the tiles on their borders
+    tiles = [t for g in tile_batches((300, 417), (64, 64), 0.25, 5, region=(50, 170, 100, 290),
+                                     stripe_width=stripe_width) for t in g]
+    assert min(y for y, _ in tiles) < 50 and max(y for y, _ in tiles) + 64 > 169
+    assert min(x for _, x in tiles) < 100 and max(x for _, x in tiles) + 64 > 289
+    assert (len(set(tiles)) == len(tiles)) == (stripe_width is None)
+    seen = []
+
+    def reader(batches):
+        for g in batches:
+            seen.append(g)
+            yield torch.stack([img[:, y : y + 64, x : x + 64] for y, x in g])
+
+    got = tiled_predict(img, net, (64, 64), 0.25, region=(50, 170, 100, 290), read_batches=reader, **kw)
+    torch.testing.assert_close(got, part, atol=0, rtol=0)
+    assert [t for g in seen for t in g] == tiles
+
+
+def test_sparse_tile_filter_read_batches_and_empty_value():
+    from histoseg.inference import tile_batches
+
+    net = conv_net()
+    img = (np.random.default_rng(1).random((400, 300, 3)) * 255).astype(np.uint8)
+    keep = lambda y, x, th, tw: x == 0 or y == 0  # noqa: E731  (one tile per row: batches would span many rows)
+    kw = dict(tile_shape=(64, 64), overlap=0.25, device="cpu", tile_filter=keep, empty_value=float("nan"))
+    a = tiled_predict(img, net, batch_size=8, **kw).numpy()
+    b = tiled_predict(img, net, batch_size=1, **kw).numpy()
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    cov = ~np.isnan(a)
+    assert cov[:, :64].all() and cov[:, :, :64].all() and not cov[:, 100:, 100:].any()
+    assert np.abs(a[cov] - b[cov]).max() < 1e-5  # the batch size changes nothing
+
+    seen = []
+
+    def reader(batches):  # what a DataLoader would do: read the positions asked for, in order
+        for g in batches:
+            seen.append(g)
+            yield torch.stack([torch.from_numpy(img[y : y + 64, x : x + 64].transpose(2, 0, 1).copy()) for y, x in g])
+
+    out = np.full((2, 400, 300), 7.0, np.float32)  # stale values: every pixel gets rewritten
+    tiled_predict(img, net, batch_size=8, out=out, read_batches=reader, **kw)
+    np.testing.assert_array_equal(np.isnan(out), ~cov)
+    assert np.abs(out[cov] - a[cov]).max() < 1e-6
+    assert seen == tile_batches(img.shape[:2], (64, 64), 0.25, 8, tile_filter=keep)
+    with pytest.raises(ValueError, match="read_batches needs an image of at least one tile"):
+        tiled_predict(img[:50], net, batch_size=8, read_batches=reader, **kw)

@@ -11,6 +11,12 @@ For every image the pipeline is *read -> predict_one(image) -> write outputs*:
 * one row of ``report.csv``: size, foreground %, nuclei count, density per mm^2, mean / median area (pixels
   and um^2), mean eccentricity and solidity, cellularity % (4-class models).
 
+Whole-slide images (``.svs``, ``.ndpi``, ``.mrxs``, ``.scn``, and ``.tif`` / ``.ome.tif`` files holding a pyramid,
+see :func:`histoseg.wsi.slide.is_slide`) take the streaming path of :func:`histoseg.wsi.predict_slide` instead:
+their outputs go to ``<wsi.output_dir>/<name>/`` (mask OME-TIFF, QuPath GeoJSON, overlay, tissue mask,
+``summary.csv``), they get a ``kind=slide`` row in ``report.csv``, and ``<wsi.output_dir>/slides.csv`` collects
+every slide summary in that folder. ``input_index`` picks one input (one multirun job per slide).
+
 Unreadable images do not stop the run: each is logged with its path and the reason, gets a row with
 ``status=error`` and the message in ``error``, and ``histoseg-predict`` exits with status 1 after the
 other images are done. Every output file is written atomically (temp file + rename).
@@ -42,7 +48,7 @@ log = get_logger(__name__)
 
 REPORT_COLUMNS = (
     "image", "source", "status", "error", "height", "width", "mpp", "foreground_pct", *NUCLEI_KEYS,
-    "cellularity_pct", "mask", "overlay", "instances",
+    "cellularity_pct", "mask", "overlay", "instances", "kind", "tissue_area_mm2", "geojson",
 )
 
 
@@ -190,18 +196,49 @@ def _fmt(v):
     return v
 
 
+# ---------------------------------------------------------------------- slides
+def slide_report_row(path: Path, name: str, task, cfg: DictConfig, device) -> dict:
+    """Predict one whole-slide image (:func:`histoseg.wsi.predict_slide`); its ``report.csv`` columns."""
+    from histoseg.wsi.pipeline import predict_slide
+
+    s = predict_slide(path, name, task, cfg.wsi, cfg.wsi.output_dir, device, ckpt_path=cfg.ckpt_path,
+                      report=cfg.report, progress=bool(cfg.progress))
+    folder = Path(cfg.wsi.output_dir) / name
+    keep = ("height", "width", "mpp", "foreground_pct", *NUCLEI_KEYS, "cellularity_pct", "tissue_area_mm2")
+    row = {k: s.get(k) for k in keep}
+    row.update(mask=str(folder / s["mask"]), overlay=str(folder / s["overlay"]), geojson=str(folder / s["geojson"]))
+    return row
+
+
+def slide_error_summary(path: Path, name: str, error: str, cfg: DictConfig) -> None:
+    """``<wsi.output_dir>/<name>/summary.csv`` with the error, so the cohort table lists failed slides too."""
+    from histoseg.wsi.pipeline import error_row, write_rows
+
+    if error:
+        write_rows(Path(cfg.wsi.output_dir) / name / "summary.csv", [error_row(path, name, error)])
+
+
 # ---------------------------------------------------------------------- the run
 @task_wrapper
 def predict(cfg: DictConfig) -> tuple[dict, dict]:
     """Predict every input image. Returns ``(summary, objects)``; ``summary`` has ``n_images``, ``n_ok``,
     ``n_errors`` and ``errors`` (``[(path, message), ...]``); ``objects["rows"]`` are the report rows."""
+    from histoseg.wsi.slide import is_slide
+
     check_mandatory(cfg)
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     inputs = resolve_inputs(str(cfg.input), list(cfg.extensions), bool(cfg.recursive))
     names = output_names(inputs)
+    if cfg.input_index is not None:
+        i = int(cfg.input_index)
+        if not 0 <= i < len(inputs):
+            log.info("input_index=%d: %s has %d input(s), nothing to do", i, cfg.input, len(inputs))
+            return {"n_images": 0, "n_ok": 0, "n_errors": 0, "errors": []}, {"cfg": cfg, "rows": [], "report": None}
+        inputs, names = [inputs[i]], [names[i]]
+    slides = [is_slide(p, int(cfg.wsi.min_slide_side)) for p in inputs]
     task, _ = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, device="cpu")
-    mpp = resolve_mpp(cfg.mpp, task, cfg.ckpt_path)
+    mpp = resolve_mpp(cfg.mpp, task, cfg.ckpt_path) if not all(slides) else None
     if task.num_classes == 4:
         try:
             cellularity(np.zeros((1, 1), np.uint8), cfg.report.tumour_classes, cfg.report.nucleus_classes)
@@ -216,25 +253,33 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         if cfg.mpp is not None:
             mpp = float(cfg.mpp) / scale  # mpp describes the LR inputs; reports refer to SR pixels
         log.info("super-resolving inputs x%d with %s before segmentation", scale, cfg.sr_ckpt)
+        if any(slides):
+            raise ConfigError(f"sr_ckpt: super-resolution before segmentation takes images, not whole slides "
+                              f"({sum(slides)} slide(s) in input={cfg.input})")
     predict_one = make_predict_one(task, device, sr_task, cfg.get("sr"))
     write_run_metadata(cfg, out)
-    log.info("Predicting %d image(s) with %s into %s", len(inputs), cfg.ckpt_path, out)
+    log.info("Predicting %d image(s) and %d slide(s) with %s into %s", slides.count(False), slides.count(True),
+             cfg.ckpt_path, out)
 
     rows: list[dict] = []
     errors: list[tuple[str, str]] = []
     try:
-        for path, name in tqdm(list(zip(inputs, names)), desc="predict", unit="image", disable=not cfg.progress):
-            row: dict = {"image": name, "source": str(path), "mpp": mpp}
+        for path, name, slide in tqdm(list(zip(inputs, names, slides)), desc="predict", unit="input",
+                                      disable=not cfg.progress):
+            row: dict = {"image": name, "source": str(path), "mpp": mpp, "kind": "slide" if slide else "image"}
             try:
-                image = read_image(path)
-                result = predict_one(image)
-                if "image" in result:  # the pipeline changed the image (super-resolution)
-                    image = result.pop("image")
-                    if cfg.save.get("sr_image", True):
-                        write_image(out / "sr" / f"{name}.png", image)
-                row.update(height=image.shape[0], width=image.shape[1])
-                row.update(write_outputs(name, image, result, out, task.num_classes, cfg.save))
-                row.update(image_report(result, mpp, task.num_classes, cfg.report))
+                if slide:
+                    row.update(slide_report_row(path, name, task, cfg, device))
+                else:
+                    image = read_image(path)
+                    result = predict_one(image)
+                    if "image" in result:  # the pipeline changed the image (super-resolution)
+                        image = result.pop("image")
+                        if cfg.save.get("sr_image", True):
+                            write_image(out / "sr" / f"{name}.png", image)
+                    row.update(height=image.shape[0], width=image.shape[1])
+                    row.update(write_outputs(name, image, result, out, task.num_classes, cfg.save))
+                    row.update(image_report(result, mpp, task.num_classes, cfg.report))
                 row["status"] = "ok"
             except DataError as e:  # unreadable input: the message names the file
                 log.error("skipped: %s", e)
@@ -245,9 +290,15 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
                 msg = f"{path}: prediction failed ({type(e).__name__}: {e})"
                 row.update(status="error", error=msg)
                 errors.append((str(path), msg))
+            if slide and row["status"] == "error":
+                slide_error_summary(path, name, row["error"], cfg)
             rows.append(row)
     finally:
         write_report_csv(rows, out / "report.csv")  # also after an interrupt: what was done is reported
+        if any(slides):
+            from histoseg.wsi.pipeline import update_cohort_table
+
+            update_cohort_table(Path(cfg.wsi.output_dir))
     summary = {"n_images": len(rows), "n_ok": len(rows) - len(errors), "n_errors": len(errors), "errors": errors}
     log.info("%d of %d image(s) predicted; report: %s", summary["n_ok"], len(rows), out / "report.csv")
     if errors:
