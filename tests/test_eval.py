@@ -67,6 +67,19 @@ def test_eval_on_val_split_with_overrides_and_panel_cap(trained, tmp_path):
     assert [p.name for p in (tmp_path / "figures" / "test").glob("*.png")] == ["syn-val-0000.png"]
 
 
+def test_eval_on_all_images_scores_every_split(trained, tmp_path):
+    """``split=all``: a model on an unseen source is scored on every image of the dataset."""
+    metrics, _ = evaluate(eval_cfg(tmp_path, f"ckpt_path={trained['ckpt']}", "split=all", "postprocess.instances=none",
+                                   "callbacks.figures.max_panels=0"))
+    rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
+    ids = [r["case_id"] for r in rows]
+    assert len(ids) == 4 + 2 + 3 and len(set(ids)) == 9
+    assert {i.split("-")[1] for i in ids} == {"train", "val", "test"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_images"] == 9 and summary["split"] == "all"
+    assert float(metrics["test/dice"]) == pytest.approx(sum(float(r["dice"]) for r in rows) / 9, abs=1e-5)
+
+
 def test_dataset_and_ckpt_path_are_mandatory(trained, tmp_path):
     with pytest.raises(ConfigCompositionException, match="dataset"):
         compose_cfg(tmp_path, f"ckpt_path={trained['ckpt']}", base=[], config_name="eval")

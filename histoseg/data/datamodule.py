@@ -243,9 +243,10 @@ class HistoDataModule(L.LightningDataModule):
         return self._whole_loader(self.test_set)
 
     def eval_dataloader(self, split: str = "test") -> DataLoader:
-        """Whole images of one split (``test``, ``val`` or ``train``) in batches of one, for ``histoseg-eval``.
+        """Whole images of one split (``test``, ``val``, ``train`` or ``all``) in batches of one, for ``histoseg-eval``.
 
-        ``test`` and ``val`` are exactly what ``trainer.test`` / validation see (``limit_*`` applied).
+        ``test`` and ``val`` are exactly what ``trainer.test`` / validation see (``limit_*`` applied); ``all`` is
+        every image of the dataset (train + val + test, in that order), for scoring a model on an unseen source.
         """
         if split == "test":
             self.setup("test")
@@ -255,7 +256,10 @@ class HistoDataModule(L.LightningDataModule):
             return self.val_dataloader()
         if split == "train":
             return self._whole_loader(WholeImageDataset(self._read(self.resolve_split()["train"])))
-        raise ValueError(f"unknown split {split!r}; choose test, val or train")
+        if split == "all":
+            sp = self.resolve_split()
+            return self._whole_loader(WholeImageDataset(self._read([*sp["train"], *sp["val"], *sp["test"]])))
+        raise ValueError(f"unknown split {split!r}; choose test, val, train or all")
 
     # ------------------------------------------------------------------ statistics
     def class_pixel_counts(self) -> np.ndarray:

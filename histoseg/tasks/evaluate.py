@@ -29,7 +29,7 @@ from histoseg.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-SPLITS = ("test", "val", "train")
+SPLITS = ("test", "val", "train", "all")
 
 
 @task_wrapper
