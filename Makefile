@@ -23,11 +23,11 @@ install: $(STAMP) ## create .venv if missing and install histoseg with dev extra
 train: $(STAMP) ## train the embedded synthetic default (~1 min on 2 CPU cores); ARGS="..." adds overrides
 	$(PY) train.py experiment=synthetic_quick $(ARGS)
 
-test: $(STAMP) ## run the test suite (slow tests excluded; see test-full)
+test: $(STAMP) ## run the whole test suite (what CI runs; real-data tests read the data kit in place)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-full: $(STAMP) ## run every test, slow ones included
-	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+test-fast: $(STAMP) ## the suite without tests marked slow (for development; CI runs them all)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run the benchmarks and write benchmarks/results/<host>.json
 	$(PY) -m benchmarks.run $(ARGS)
@@ -45,4 +45,4 @@ lint: $(STAMP) ## ruff check
 clean: ## remove logs and caches (keeps .venv)
 	rm -rf logs outputs multirun .cache .pytest_cache
 
-.PHONY: help install train test test-full bench results format lint clean
+.PHONY: help install train test test-fast bench results format lint clean

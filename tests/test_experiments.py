@@ -2,7 +2,7 @@
 
 Parametrised over the folder: a new preset is tested without editing this file. Training steps on real
 data are marked ``data`` and ``slow`` (they read the kit in place, and whole-image validation and test of
-1-2 megapixel images take ~15-60 s each on 2 CPU cores): ``make test-full`` or ``pytest -m data`` runs them.
+1-2 megapixel images take ~15-60 s each on 2 CPU cores): ``make test`` (and CI) runs them, ``make test-fast`` skips them.
 Composition checks of every preset run in the fast suite.
 """
 from __future__ import annotations
