@@ -134,7 +134,12 @@ def test_datamodule_trains_from_the_store(tmp_path, nuclei):
                seed=0, progress=False)
     dm = HistoDataModule(nuclei, name="nuclei", num_classes=2, patch_size=32, batch_size=2, samples_per_epoch=4,
                          split={"strategy": "random", "val_fraction": 0.25, "test_fraction": 0.25}, patch_store=cfg)
-    dm.setup("fit")
+    dm.prepare_data()  # builds the store once (one process per node under DDP) ...
+    built = list((tmp_path / "stores").glob("*.h5"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    dm.setup("fit")  # ... and setup only opens it
+    assert list((tmp_path / "stores").glob("*.h5")) == built and built[0].stat().st_mtime_ns == stamp
     assert isinstance(dm.train_set.source, PatchStoreSource)
     assert dm.train_set.source.case_ids == dm.split["train"]
     batch = next(iter(dm.train_dataloader()))

@@ -108,12 +108,23 @@ class HistoDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
-        """Only downloads (and builds the patch store); never splits."""
+        """Downloads, then builds the HDF5 patch store (when configured). Lightning calls this on one process
+        per node, so DDP ranks never write the same store: in ``setup`` they find it up to date and open it."""
         if self.download and self.reader.downloads:
             from histoseg.data.download import ensure_dataset
 
             ensure_dataset(self.reader)
         self.reader.prepare()
+        if self.patch_store_cfg:
+            self._patch_store_path()
+
+    def _patch_store_path(self, train: list[Sample] | None = None):
+        """``(store, path)`` of the training images' patch store, built or refreshed if needed."""
+        from histoseg.data.patch_store import PatchStore
+
+        ids = self.resolve_split()["train"]
+        store = PatchStore(**self.patch_store_cfg)
+        return store, store.ensure(self.reader, ids, samples=train if train is not None else self._read(ids))
 
     def _read(self, ids: list[str]) -> list[Sample]:
         out = []
@@ -167,10 +178,7 @@ class HistoDataModule(L.LightningDataModule):
 
     def _train_source(self, train: list[Sample]):
         if self.patch_store_cfg:
-            from histoseg.data.patch_store import PatchStore
-
-            store = PatchStore(**self.patch_store_cfg)
-            path = store.ensure(self.reader, self.split["train"], samples=train)
+            store, path = self._patch_store_path(train)
             return store.source(path)
         return InMemorySource(train, pad=self.pad)
 
