@@ -540,6 +540,7 @@ def test_evaluate_sr_pipeline_three_way(make_cfg, tmp_path, seg_ckpt):
         "dataset.reader.n_test=2",
         "dataset.reader.image_shape=[64,64]",
         "sr_inference.tile_shape=[8,8]",
+        "seg_inference.tta=flip",
         "device=cpu",
     )
     summary = evaluate_sr_pipeline(cfg)
@@ -571,7 +572,8 @@ def test_evaluate_sr_pipeline_three_way(make_cfg, tmp_path, seg_ckpt):
 
     ds_item = SyntheticReader(n_test=2, image_shape=(64, 64)).read("syn-test-0000")
     seg = load_task(seg_ckpt)
-    pred = seg.predict_image(ds_item.image)
+    assert saved["seg_inference"]["tta"] == "flip"  # the override, recorded
+    pred = seg.predict_image(ds_item.image, tta="flip")
     assert float(rows[0]["dice_hr"]) == pytest.approx(
         image_scores(pred["labels"], ds_item.mask, 2)["dice"], abs=1e-6
     )

@@ -103,6 +103,7 @@ def evaluate_sr_pipeline(cfg: DictConfig) -> dict:
     if cfg.get("sr_inference"):
         sr_inf.update(OmegaConf.to_container(cfg.sr_inference, resolve=True))
     border = int(cfg.metric_border)
+    seg_over = {k: v for k, v in (cfg.get("seg_inference") or {}).items() if v is not None}
 
     rows: list[dict] = []
     for i in tqdm(range(n), desc="sr-eval", disable=n < 2):
@@ -125,7 +126,7 @@ def evaluate_sr_pipeline(cfg: DictConfig) -> dict:
             q = image_quality(img, hr, border, sr_task.max_psnr)
             row[f"psnr_{name}"], row[f"ssim_{name}"] = q["psnr"], q["ssim"]
         for name, img in (("hr", hr), ("bicubic", bic), ("sr", sr)):
-            pred = seg_task.predict_image(img)
+            pred = seg_task.predict_image(img, **seg_over)
             scores = image_scores(pred["labels"], mask, dm.num_classes)
             row[f"dice_{name}"], row[f"iou_{name}"] = scores["dice"], scores["iou"]
             inst = _instances_of(pred)
@@ -165,6 +166,7 @@ def evaluate_sr_pipeline(cfg: DictConfig) -> dict:
         "scale": dm.scale,
         "degradation": dm.degradation.config(),
         "sr_inference": sr_inf,
+        "seg_inference": {**seg_task.inference, **seg_over},
         "mpp": mpp,
         "metric_border": border,
         "seed": int(cfg.seed),
