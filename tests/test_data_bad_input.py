@@ -260,3 +260,24 @@ def test_exact_discs_are_centred_on_sub_pixel_points_and_opencv_on_rounded_ones(
         assert abs(exact.sum() - np.pi * r * r) / (np.pi * r * r) < 0.01 and inst.max() == 1
         ys, xs = np.nonzero(seed)
         assert (xs.mean(), ys.mean()) == (round(x), round(y))
+
+
+def test_atomic_outputs_get_umask_permissions_and_leave_no_temporary_file(tmp_path):
+    """Outputs are written to a private temporary file and renamed; the result must be readable as a plainly
+    created file would be (mkstemp's 0600 would hide reports and masks from colleagues on a shared cluster)."""
+    import os
+    import stat
+
+    from histoseg.data.io import atomic_write_text
+    from histoseg.wsi.tiff import write_pyramid
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.csv", "a,b\n1,2\n")
+        write_pyramid(tmp_path / "mask.tif", (64, 64), lambda lv, y, x, h, w: np.zeros((h, w), np.uint8), 1, 0.5,
+                      "tif", 32, "zlib")
+    finally:
+        os.umask(old)
+    for name in ("report.csv", "mask.tif"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif", "report.csv"]  # no .tmp left behind

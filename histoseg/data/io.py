@@ -70,6 +70,15 @@ def write_image(path: str | Path, arr: np.ndarray) -> None:
     atomic_write_bytes(p, enc.tobytes())
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file onto ``path`` atomically, with the permissions a plainly created file
+    would get (``mkstemp`` makes temporary files private, 0600; outputs should be readable per the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

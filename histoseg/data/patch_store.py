@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from histoseg.data.io import DataError
+from histoseg.data.io import DataError, publish
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class PatchStore:
                     known[rows] = inst is not None
                 done = {**meta, "complete": True, "n_patches": n, "has_instances": inst_ds is not None}
                 f.attrs["histoseg"] = json.dumps(done)
-            os.replace(tmp, path)
+            publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

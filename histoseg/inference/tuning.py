@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histoseg.data.io import publish
 from histoseg.metrics.instance import aji, aji_plus, panoptic_quality
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def store_postprocess(ckpt_path: str | Path, config: dict) -> None:
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

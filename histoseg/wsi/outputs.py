@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from histoseg.analysis.palette import palette_for
+from histoseg.data.io import publish
 from histoseg.wsi.tiff import level_shapes, write_pyramid
 
 TISSUE_STYLE = ("Tissue", [0, 150, 200])
@@ -142,7 +143,7 @@ def write_geojson(path: Path, annotations: list[dict], block_files: Iterable[Pat
                             first = False
                             n += 1
             f.write("\n]}\n")
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

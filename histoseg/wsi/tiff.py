@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from histoseg.data.io import publish
+
 KINDS = ("ome", "tif", "svs")
 TileFn = Callable[[int, int, int, int, int], np.ndarray]  # (level, y, x, h, w) -> (h, w[, 3]) uint8
 
@@ -106,7 +108,7 @@ def write_pyramid(
                 for lv in range(1, len(levels)):
                     tif.write(_tiles(tile_fn, lv, levels[lv], tile), shape=full(levels[lv]), subfiletype=1,
                               metadata=None, **res, **common)
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
