@@ -255,7 +255,8 @@ def test_fast_dev_run_on_real_data(make_cfg, data_dir, name):
     fast = FAST if name == "epithelium" else FAST[:-1]
     cfg = make_cfg(f"dataset={name}", "trainer=debug", "model=unet", "model.net.width=8", "model.net.depth=3",
                    "inference.tile_shape=[128,128]", "trainer.enable_progress_bar=false", "logger=csv",
-                   "dataset.limit_val=1", "dataset.limit_test=1", *fast, base=[])
+                   "dataset.limit_train=2", "dataset.limit_val=1", "dataset.limit_test=1", *fast, base=[])
     metrics, obj = train(cfg)
+    assert len(obj["datamodule"].train_ids()) == min(2, len(obj["datamodule"].split["train"]))
     assert 0.0 <= float(metrics["val/dice"]) <= 1.0 and 0.0 <= float(metrics["test/dice"]) <= 1.0
     assert obj["datamodule"].num_classes == obj["model"].num_classes == EXPECT[name][0]

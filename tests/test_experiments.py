@@ -56,6 +56,8 @@ def test_preset_trains_one_fast_dev_run_step(make_cfg, name, request):
     with open_dict(cfg):  # tiny: 1 batch of 2 patches, 1 validation and 1 test image, tiles without overlap
         cfg.dataset.batch_size, cfg.dataset.samples_per_epoch = 2, 2
         cfg.dataset.limit_val = cfg.dataset.limit_test = 1
+        if "limit_train" in cfg.dataset:  # read 2 training images, not the whole set
+            cfg.dataset.limit_train = 2
         cfg.inference.overlap, cfg.inference.tta = 0.0, "none"
         if cfg.dataset.get("patch_store"):
             cfg.dataset.patch_store.patches_per_image = 2

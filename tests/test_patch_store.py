@@ -174,3 +174,16 @@ def test_partial_instance_maps_are_flagged_per_patch(tmp_path, nuclei):
             assert np.array_equal(inst > 0, mask > 0)
             got["with"] += 1
     assert got["with"] and got["without"]
+
+
+def test_limit_train_reads_and_stores_only_the_first_training_images(tmp_path, nuclei):
+    cfg = dict(dir=str(tmp_path / "stores"), patches_per_image=2, patch_shape=[40, 40], pad=4, compression="lzf",
+               seed=0, progress=False)
+    dm = HistoDataModule(nuclei, name="nuclei", num_classes=2, patch_size=32, batch_size=2, samples_per_epoch=4,
+                         split={"strategy": "random", "val_fraction": 0.25, "test_fraction": 0.25}, patch_store=cfg,
+                         limit_train=1)
+    dm.setup("fit")
+    assert len(dm.split["train"]) > 1 and dm.train_ids() == dm.split["train"][:1]
+    assert dm.train_set.source.case_ids == dm.split["train"][:1]  # the store holds that image only
+    assert set(dm._cache) == {*dm.split["train"][:1], *dm.split["val"]}  # the other training images are never read
+

@@ -58,6 +58,8 @@ class HistoDataModule(L.LightningDataModule):
         targets: optional callable ``(mask, instances) -> dict`` adding target maps (``conf/target``).
         seed: seed of patch sampling and augmentation.
         download: fetch the dataset (``reader.downloads``) into the data root if it is missing.
+        limit_train: train on at most this many images of the training split (``None`` = all; quick checks
+            of a large dataset, e.g. ``dataset.limit_train=2 trainer=debug``).
         limit_val / limit_test: use at most this many whole images (``None`` = all).
     """
 
@@ -82,6 +84,7 @@ class HistoDataModule(L.LightningDataModule):
         limit_val: int | None = None,
         limit_test: int | None = None,
         mpp: float | None = None,
+        limit_train: int | None = None,
     ):
         super().__init__()
         self.reader, self.name = reader, name
@@ -102,6 +105,7 @@ class HistoDataModule(L.LightningDataModule):
         self.split_cfg = dict(split or {})
         self.pad, self.patch_store_cfg = int(pad), patch_store
         self.download, self.limit_val, self.limit_test = bool(download), limit_val, limit_test
+        self.limit_train = limit_train
         self.split: dict[str, list[str]] | None = None
         self._cache: dict[str, Sample] = {}
         self.train_set = self.val_set = self.test_set = None
@@ -122,7 +126,7 @@ class HistoDataModule(L.LightningDataModule):
         """``(store, path)`` of the training images' patch store, built or refreshed if needed."""
         from histoseg.data.patch_store import PatchStore
 
-        ids = self.resolve_split()["train"]
+        ids = self.train_ids()
         store = PatchStore(**self.patch_store_cfg)
         return store, store.ensure(self.reader, ids, samples=train if train is not None else self._read(ids))
 
@@ -136,6 +140,10 @@ class HistoDataModule(L.LightningDataModule):
                 raise DataError(f"{s.source}: image has no mask; cannot train or evaluate on it")
             out.append(s)
         return out
+
+    def train_ids(self) -> list[str]:
+        """The training images used: the split's ``train`` list, cut to ``limit_train``."""
+        return self.resolve_split()["train"][: self.limit_train]
 
     def resolve_split(self) -> dict[str, list[str]]:
         if self.split is None:
@@ -154,7 +162,7 @@ class HistoDataModule(L.LightningDataModule):
         split = self.resolve_split()
         self.reader.check(split["train"] + split["val"] + split["test"])
         if stage in (None, "fit") and self.train_set is None:
-            train = [self._copy(s) for s in self._read(split["train"])]
+            train = [self._copy(s) for s in self._read(self.train_ids())]
             self._check_samples(train, "train")
             source = self._train_source(train)
             self.train_set = PatchDataset(
@@ -263,7 +271,7 @@ class HistoDataModule(L.LightningDataModule):
             self.setup("validate")
             return self.val_dataloader()
         if split == "train":
-            return self._whole_loader(WholeImageDataset(self._read(self.resolve_split()["train"])))
+            return self._whole_loader(WholeImageDataset(self._read(self.train_ids())))
         if split == "all":
             sp = self.resolve_split()
             return self._whole_loader(WholeImageDataset(self._read([*sp["train"], *sp["val"], *sp["test"]])))
@@ -273,7 +281,7 @@ class HistoDataModule(L.LightningDataModule):
     def class_pixel_counts(self) -> np.ndarray:
         """Pixels per class over the training images (for w_i = N / N_i class weights)."""
         counts = np.zeros(self.num_classes, np.int64)
-        for s in self._read(self.resolve_split()["train"]):
+        for s in self._read(self.train_ids()):
             counts += np.bincount(s.mask.ravel(), minlength=self.num_classes)[: self.num_classes]
         return counts
 

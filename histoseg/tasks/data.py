@@ -29,13 +29,13 @@ def build_store(cfg: DictConfig) -> dict:
 
     dm = _datamodule(cfg)
     dm.prepare_data()
-    split = dm.resolve_split()
-    dm.reader.check(split["train"])
+    train = dm.train_ids()  # the training split (cut to dataset.limit_train)
+    dm.reader.check(train)
     store_cfg = dm.patch_store_cfg or OmegaConf.to_container(cfg.patch_store, resolve=True)
     store = PatchStore(**store_cfg)
-    path = store.ensure(dm.reader, split["train"])
+    path = store.ensure(dm.reader, train)
     meta = store.read_meta(path)
-    out = {"path": str(path), "n_patches": meta["n_patches"], "images": len(split["train"]),
+    out = {"path": str(path), "n_patches": meta["n_patches"], "images": len(train),
            "bytes": path.stat().st_size, "has_instances": meta["has_instances"]}
     if not dm.patch_store_cfg:
         opts = json.dumps(store_cfg, separators=(",", ":")).replace('"', "")
