@@ -1,4 +1,5 @@
 """train(cfg) end to end on the embedded data: debug run, resume equivalence, bf16, errors, multirun."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,25 @@ class StopAfterFirstEpoch(L.Callback):
 
 def _weights(task):
     return {k: v.detach().clone() for k, v in task.net.state_dict().items()}
+
+
+def test_resuming_a_finished_run_tunes_and_tests_it(make_cfg, tmp_path):
+    """A run killed after its last epoch (before or during the test) is finished by resuming from last.ckpt:
+    no epoch runs, the test does, and the sweep objective is reported as missing instead of failing the job."""
+    from histoseg.tasks.train import run
+
+    common = ["trainer.max_epochs=1", "dataset.samples_per_epoch=8", "optimized_metric=val/dice"]
+    first = make_cfg(*common, "test=false")
+    with open_dict(first):
+        first.paths.output_dir = str(tmp_path / "run")
+    train(first)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    again = make_cfg(*common, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    with open_dict(again):
+        again.paths.output_dir = str(tmp_path / "run")
+    assert run(again) is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["mean"]["dice"] <= 1.0
 
 
 def test_resume_from_last_ckpt_continues_at_same_step_and_matches(make_cfg, tmp_path):

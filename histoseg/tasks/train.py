@@ -204,7 +204,14 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
 def run(cfg: DictConfig) -> float | None:
     """Hydra entry: train and return ``optimized_metric`` (for sweepers)."""
     metrics, _ = train(cfg)
-    value = get_metric_value(metrics, cfg.get("optimized_metric"))
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics and cfg.get("ckpt_path") and not any(k.startswith("val/") for k in metrics):
+        # resuming a run whose training had already finished: no epoch ran, so there is no validation metric,
+        # but the post-processing tuning and the test did run (the way to finish an interrupted test)
+        log.warning("no validation ran (resumed %s after its last epoch): no %s to return", cfg.ckpt_path, name)
+        value = None
+    else:
+        value = get_metric_value(metrics, name)
     shown = [k for k in ("val/dice", "test/dice", "test/aji", "val/psnr", "val/psnr_bicubic", "test/psnr", "test/psnr_bicubic")
              if k in metrics]
     print("histoseg result: " + ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown), flush=True)
