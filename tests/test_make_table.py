@@ -49,9 +49,11 @@ def test_tables_are_regenerated_between_markers_only(tmp_path):
     assert readme.startswith("# project\n\nintro stays\n") and readme.endswith("footer stays\n")
     assert "old table" not in readme
     # mean and sample std computed from the per-seed values: 0.6 +- 0.1; Dice target hit, AJI missed
-    assert "| [alpha](experiments/alpha/) | fixture_set | fixture test split | dice | 0.600 ± 0.100 (n=3) | 0.550 | 0.550 ✓ |" in readme
+    assert "| [alpha](experiments/alpha/) | fixture_set | dice | 0.600 ± 0.100 (n=3) | 0.550 | 0.550 ✓ |" in readme
     assert "| aji | 0.200 ± 0.000 (n=3) |  | 0.300 ✗ |" in readme
     exp = (root / "experiments" / "alpha" / "README.md").read_text()
+    # the experiment's own table keeps split, hardware and budget beside each number
+    assert "| alpha | fixture_set | fixture test split | dice | 0.600 ± 0.100 (n=3) | 0.550 | 0.550 ✓ | fixture hardware | fixture budget |" in exp
     assert "- dice: 0.500, 0.600, 0.700" in exp and "seeds 0, 1, 2" in exp
     assert "Command: `python train.py experiment=fixture seed=0; python train.py experiment=fixture seed=1`" in exp
     # idempotent, and --check agrees
