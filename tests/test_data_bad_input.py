@@ -267,12 +267,15 @@ def test_atomic_outputs_get_umask_permissions_and_leave_no_temporary_file(tmp_pa
     created file would be (mkstemp's 0600 would hide reports and masks from colleagues on a shared cluster)."""
     import os
     import stat
+    import tempfile
 
-    from histoseg.data.io import atomic_write_text
+    from histoseg.data.io import atomic_write_text, publish
     from histoseg.wsi.tiff import write_pyramid
 
     old = os.umask(0o022)
     try:
+        staged = tempfile.mkdtemp(dir=tmp_path)  # a folder built in private, as the cellularity builder does
+        publish(staged, tmp_path / "derived")
         atomic_write_text(tmp_path / "report.csv", "a,b\n1,2\n")
         write_pyramid(tmp_path / "mask.tif", (64, 64), lambda lv, y, x, h, w: np.zeros((h, w), np.uint8), 1, 0.5,
                       "tif", 32, "zlib")
@@ -280,4 +283,5 @@ def test_atomic_outputs_get_umask_permissions_and_leave_no_temporary_file(tmp_pa
         os.umask(old)
     for name in ("report.csv", "mask.tif"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif", "report.csv"]  # no .tmp left behind
+    assert stat.S_IMODE((tmp_path / "derived").stat().st_mode) == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["derived", "mask.tif", "report.csv"]  # no .tmp left

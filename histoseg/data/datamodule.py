@@ -123,12 +123,12 @@ class HistoDataModule(L.LightningDataModule):
             self._patch_store_path()
 
     def _patch_store_path(self, train: list[Sample] | None = None):
-        """``(store, path)`` of the training images' patch store, built or refreshed if needed."""
+        """``(store, path)`` of the training images' patch store, built or refreshed if needed. ``train``: the
+        already-read samples (setup); without them (prepare_data) images are read only if the store is built."""
         from histoseg.data.patch_store import PatchStore
 
-        ids = self.train_ids()
         store = PatchStore(**self.patch_store_cfg)
-        return store, store.ensure(self.reader, ids, samples=train if train is not None else self._read(ids))
+        return store, store.ensure(self.reader, self.train_ids(), samples=train)
 
     def _read(self, ids: list[str]) -> list[Sample]:
         out = []

@@ -71,11 +71,11 @@ def write_image(path: str | Path, arr: np.ndarray) -> None:
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
-    """Move a finished temporary file onto ``path`` atomically, with the permissions a plainly created file
-    would get (``mkstemp`` makes temporary files private, 0600; outputs should be readable per the umask)."""
+    """Move a finished temporary file or folder onto ``path`` atomically, with the permissions a plainly created
+    one would get (``mkstemp`` / ``mkdtemp`` make them private, 0600 / 0700; outputs should follow the umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~umask)
     os.replace(tmp, path)
 
 

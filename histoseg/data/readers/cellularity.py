@@ -42,7 +42,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from histoseg.data.io import DataError, atomic_write_text, read_image, write_image
+from histoseg.data.io import DataError, atomic_write_text, publish, read_image, write_image
 from histoseg.data.readers.base import Reader, register_reader
 from histoseg.data.readers.common import IMAGE_EXTS, check_same_shape, list_files, require_dir
 from histoseg.data.sample import Sample
@@ -369,6 +369,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / out.name)
-    os.replace(tmp, out)
+    publish(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
