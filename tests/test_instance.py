@@ -185,3 +185,29 @@ def test_every_target_config_trains_one_step(make_cfg, target):
 
     metrics, obj = train(make_cfg(f"target={target}", "trainer=debug"))
     assert "test/aji" in metrics and 0 <= float(metrics["test/aji"]) <= 1
+
+
+def test_tuning_for_aji_and_pq_drops_spurious_specks():
+    """A speck of false foreground hardly moves AJI but costs PQ a whole false positive: the ``aji_pq``
+    objective picks a ``min_size`` that removes it, and every grid entry is scored."""
+    from types import SimpleNamespace
+
+    from histoseg.inference.tuning import tune_postprocess
+    from histoseg.metrics.instance import panoptic_quality
+
+    inst = two_touching_discs()
+    maps = perfect_maps(inst, "interior_distance")
+    for key in ("fg", "interior", "dist"):
+        maps[key] = maps[key].copy()
+        maps[key][34:37, 54:57] = 1.0  # 9-pixel speck far from both nuclei
+    maps["probs"] = np.stack([1 - maps["fg"], maps["fg"]])
+    pp = PostProcessor(instances="markers", marker_source="interior_distance", min_marker_size=1, fill_holes=True)
+    task = SimpleNamespace(postprocess=pp, heads={"seg": 3, "dist": 1}, predict_maps=lambda image: maps)
+    sample = SimpleNamespace(image=None, instances=inst)
+    grid = {"min_size": [0, 30], "marker_threshold": [0.5]}
+    best, table = tune_postprocess(task, [sample], "aji_pq", grid)
+    assert best["min_size"] == 30 and len(table) == 2
+    kept = pp.with_params(min_size=0, marker_threshold=0.5)(maps)["instances"]
+    assert len(np.unique(kept)) - 1 == 3 and panoptic_quality(inst, kept)["pq"] < 0.8
+    scores = {r["min_size"]: r["aji_pq"] for r in table}
+    assert scores[30] > scores[0] + 0.05

@@ -65,9 +65,14 @@ def test_resuming_a_finished_run_tunes_and_tests_it(make_cfg, tmp_path):
     again = make_cfg(*common, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
     with open_dict(again):
         again.paths.output_dir = str(tmp_path / "run")
+    first_fit = json.loads((tmp_path / "run" / "timing.json").read_text())["fit_s"]
     assert run(again) is None
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["mean"]["dice"] <= 1.0
+    # timing.json counts the whole training, not only the resumed (here empty) part
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert timing["fit_s_parts"][0] == first_fit and len(timing["fit_s_parts"]) == 2
+    assert timing["fit_s"] == round(sum(timing["fit_s_parts"]), 1) >= first_fit
 
 
 def test_resume_from_last_ckpt_continues_at_same_step_and_matches(make_cfg, tmp_path):

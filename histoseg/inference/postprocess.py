@@ -24,7 +24,7 @@ def clean_binary(mask: np.ndarray, opening_radius: int = 0, fill_holes: bool = F
     """Morphological opening (disk radius), hole filling and small-object removal on a binary mask."""
     m = np.asarray(mask).astype(bool)
     if opening_radius > 0:
-        m = morphology.binary_opening(m, morphology.disk(int(opening_radius)))
+        m = ndi.binary_opening(m, structure=morphology.disk(int(opening_radius)).astype(bool))
     if fill_holes:
         m = ndi.binary_fill_holes(m)
     if min_size > 0:

@@ -25,12 +25,15 @@ OBJECTIVES = {
     "aji": aji,
     "aji_plus": aji_plus,
     "pq": lambda t, p: panoptic_quality(t, p)["pq"],
+    # both instance targets at once: AJI rewards the pixel overlap of matched nuclei, PQ also counts every
+    # unmatched (e.g. small spurious) object, so AJI alone leaves ``min_size`` free to keep noise
+    "aji_pq": lambda t, p: 0.5 * (aji(t, p) + panoptic_quality(t, p)["pq"]),
 }
 
 DEFAULT_GRIDS = {
     "watershed": {"h": [0.5, 1.0, 2.0, 3.0], "smooth": [0.5, 1.0, 2.0], "threshold": [0.4, 0.5, 0.6]},
     "markers": {"marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "threshold": [0.4, 0.5, 0.6],
-                "min_marker_size": [3, 10]},
+                "min_marker_size": [3, 10], "min_size": [10, 30, 60, 100]},
 }
 
 

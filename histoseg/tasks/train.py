@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -162,12 +163,32 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
         from histoseg.data.io import atomic_write_text
 
+        timing = merge_resumed_timing(f"{cfg.paths.output_dir}/timing.json", timing, cfg.get("ckpt_path"))
         timing.update(host=platform.node(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
                       device=str(task.device), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
         atomic_write_text(f"{cfg.paths.output_dir}/timing.json", json.dumps(timing, indent=1))
     summary = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith(("val/", "test/"))}
     log.info("Final metrics: %s", summary)
     return metrics, objects
+
+
+def merge_resumed_timing(path: str, timing: dict, ckpt_path: str | None) -> dict:
+    """A resumed run (``ckpt_path``) writing into a folder with an earlier ``timing.json``: ``fit_s`` is the
+    total training time of both parts (``fit_s_parts`` lists them), not only the resumed part's."""
+    import json
+
+    prev_path = Path(path)
+    if not ckpt_path or not prev_path.is_file() or "fit_s" not in timing:
+        return timing
+    try:
+        prev = json.loads(prev_path.read_text())
+    except (OSError, ValueError):
+        return timing
+    parts = list(prev.get("fit_s_parts") or ([prev["fit_s"]] if "fit_s" in prev else []))
+    if not parts:
+        return timing
+    parts.append(timing["fit_s"])
+    return {**timing, "fit_s": round(sum(parts), 1), "fit_s_parts": parts}
 
 
 def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
