@@ -156,6 +156,19 @@ def test_missing_ckpt_path_is_named_before_any_work(tmp_path):
         predict(cfg)
 
 
+def test_ckpt_is_an_alias_of_ckpt_path(tmp_path, binary_ckpt):
+    """The short form of the issue's command, ``histoseg-predict ckpt=... input=...``, works; two different
+    checkpoints are refused instead of silently picking one."""
+    write_image(tmp_path / "in" / "a.png", nuclei_image([(30, 30)], 8))
+    cfg = compose_cfg(tmp_path / "out", f"ckpt={binary_ckpt}", f"input={tmp_path / 'in'}", "progress=false",
+                      base=[], config_name="predict")
+    summary, _ = predict(cfg)
+    assert summary["n_ok"] == 1 and (tmp_path / "out" / "report.csv").is_file()
+    cfg = predict_cfg(tmp_path, binary_ckpt, tmp_path / "in", f"ckpt={tmp_path / 'other.ckpt'}")
+    with pytest.raises(ConfigError, match="disagree"):
+        predict(cfg)
+
+
 @pytest.mark.slow  # a fresh interpreter importing torch + lightning: ~10 s; run() is tested in-process above
 def test_console_entry_exits_1_and_names_the_bad_file(tmp_path, binary_ckpt):
     """``histoseg-predict`` as the console script runs it (Hydra main), without reinstalling the package."""

@@ -114,7 +114,15 @@ def task_wrapper(fn: Callable) -> Callable:
 
 
 def check_mandatory(cfg: DictConfig) -> None:
-    """Fail first, naming every mandatory value (``???`` in the yaml) the command line left unset."""
+    """Fail first, naming every mandatory value (``???`` in the yaml) the command line left unset.
+
+    ``ckpt=`` is accepted as a short alias of ``ckpt_path=`` (eval and predict configs)."""
+    alias = cfg.get("ckpt") if "ckpt" in cfg else None
+    if alias is not None:
+        if OmegaConf.is_missing(cfg, "ckpt_path"):  # (``"ckpt_path" in cfg`` is False while it is ???)
+            cfg.ckpt_path = alias
+        elif cfg.get("ckpt_path") is not None and str(cfg.ckpt_path) != str(alias):
+            raise ConfigError(f"ckpt={alias} and ckpt_path={cfg.ckpt_path} disagree; give one of them")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
