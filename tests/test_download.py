@@ -189,7 +189,7 @@ def test_every_dataset_config_carries_its_readers_downloads(make_cfg):
 
     from histoseg.data.readers import get_reader_class
 
-    for name in ("epithelium", "brecahad", "nuclei", "monuseg"):
+    for name in ("epithelium", "brecahad", "nuclei", "monuseg", "tcia_nuclei"):
         cfg = make_cfg(f"dataset={name}", base=[])
         cls = hydra.utils.get_class(cfg.dataset.reader._target_)
         assert cls is get_reader_class(name)
@@ -199,3 +199,29 @@ def test_every_dataset_config_carries_its_readers_downloads(make_cfg):
         for e in cls.downloads:
             assert e["url"].startswith("https://") and e["expect"]
             assert e["sha256"] is None or len(e["sha256"]) == 64
+
+
+def test_tcia_upstream_archive_from_a_file_url_is_read_as_it_comes(tmp_path, data_dir):
+    """The Pan-Cancer-Nuclei-Seg archive (crop and label side by side in per-type folders, extra per-annotator
+    masks) fetched from a ``file://`` URL, as after a manual browser download: verified by layout, extracted, read."""
+    from histoseg.data.readers.tcia_nuclei import TCIANucleiReader
+
+    kit = TCIANucleiReader(data_dir / "tcia_nuclei")
+    ids = kit.case_ids()[:3]
+    archive = tmp_path / "manual_segmentation_data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for i, cid in enumerate(ids):
+            img, lab = kit.source_files(cid)
+            folder = f"manual_segmentation_data/{['blca', 'brca', 'luad'][i]}"
+            tf.add(img, arcname=f"{folder}/{img.name}")
+            tf.add(lab, arcname=f"{folder}/{lab.name}")
+            tf.add(lab, arcname=f"{folder}/{cid}_labeled_mask_common0.png")
+    root = tmp_path / "data" / "tcia_nuclei"
+    entry = {**TCIANucleiReader.downloads[0], "url": archive.as_uri()}
+    reader = TCIANucleiReader(root, downloads=[entry])
+    assert ensure_dataset(reader, progress=False) == root
+    assert sorted(reader.case_ids()) == sorted(ids)
+    for cid in ids:
+        ours, theirs = reader.read(cid), kit.read(cid)
+        assert (ours.image == theirs.image).all() and (ours.instances == theirs.instances).all()
+        assert "manual_segmentation_data" in ours.source
