@@ -31,7 +31,8 @@ OBJECTIVES = {
 }
 
 DEFAULT_GRIDS = {
-    "watershed": {"h": [0.5, 1.0, 2.0, 3.0], "smooth": [0.5, 1.0, 2.0], "threshold": [0.4, 0.5, 0.6]},
+    "watershed": {"h": [0.5, 1.0, 2.0, 3.0], "smooth": [0.5, 1.0, 2.0], "threshold": [0.4, 0.5, 0.6],
+                  "min_size": [10, 30, 60, 100]},
     "markers": {"marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "threshold": [0.4, 0.5, 0.6],
                 "min_marker_size": [3, 10], "min_size": [10, 30, 60, 100]},
 }
