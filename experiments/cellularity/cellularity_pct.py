@@ -10,7 +10,7 @@
 2. joins it with the builder's ``cellularity.csv`` (the true tumour-nucleus area / all-nucleus area of each image,
    drawn from the BreCaHAD points);
 3. writes ``<out>/cellularity_pct.json``: per image predicted vs true (percent), mean absolute error, bias,
-   Pearson r, and the command.
+   Pearson r, the MAE of the trivial predictor (the training images' mean cellularity for every image), and the command.
 """
 from __future__ import annotations
 
@@ -47,7 +47,11 @@ def main(argv=None) -> dict:
         if not p.exists():
             sys.exit(f"{p}: not found; build the derived set first (histoseg-data build-cellularity dataset=cellularity)")
     with truth_csv.open() as f:
-        truth = {r["id"]: 100.0 * float(r["cellularity"]) for r in csv.DictReader(f) if r["cellularity"] != ""}
+        truth_rows = [r for r in csv.DictReader(f) if r["cellularity"] != ""]
+    truth = {r["id"]: 100.0 * float(r["cellularity"]) for r in truth_rows}
+    # the trivial reference: predict the training images' mean cellularity for every image
+    train_pct = [100.0 * float(r["cellularity"]) for r in truth_rows if r.get("split") == "train"]
+    const = float(np.mean(train_pct)) if train_pct else None
 
     cfg = compose_config([f"ckpt_path={a.ckpt}", f"input={images}", "progress=false", f"mpp={a.mpp}",
                           f"inference.tta={a.tta}"], output_dir=a.out / "predict", config_name="predict")
@@ -73,12 +77,14 @@ def main(argv=None) -> dict:
         "mae_pct_points": round(float(np.abs(err).mean()), 2) if ok.any() else None,
         "bias_pct_points": round(float(err.mean()), 2) if ok.any() else None,
         "pearson_r": round(float(np.corrcoef(t[ok], p[ok])[0, 1]), 3) if ok.sum() > 2 and t[ok].std() > 0 else None,
+        "const_train_mean_pct": round(const, 2) if const is not None else None,
+        "const_mae_pct_points": round(float(np.abs(t - const).mean()), 2) if const is not None else None,
         "true_mean_pct": round(float(t.mean()), 2), "pred_mean_pct": round(float(np.nanmean(p)), 2) if ok.any() else None,
         "per_image": per_image,
     }
     atomic_write_text(a.out / "cellularity_pct.json", json.dumps(res, indent=1))
     print(json.dumps({k: res[k] for k in ("n_images", "mae_pct_points", "bias_pct_points", "pearson_r",
-                                          "true_mean_pct", "pred_mean_pct")}))
+                                          "const_mae_pct_points", "true_mean_pct", "pred_mean_pct")}))
     return res
 
 
