@@ -5,6 +5,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import tarfile
 import threading
 import zipfile
@@ -59,6 +60,8 @@ def test_download_verifies_extracts_and_feeds_the_datamodule(tmp_path, server):
     dm.prepare_data()
     assert sorted(p.name for p in (root / "raw").iterdir()) == ["id0.png", "id1.png", "id2.png", "id3.png"]
     assert sorted(p.name for p in root.parent.iterdir()) == ["dsb2018"]  # no staging or archive left
+    rec = json.loads((root / f".histoseg-download-{ENTRY['filename']}.json").read_text())
+    assert rec["sha256"] == sha and rec["verified_against_published"] is True
     dm.setup("fit")
     assert len(dm.split["train"]) == 2
     # present now: a second call downloads nothing (the server is gone)
@@ -221,6 +224,10 @@ def test_tcia_upstream_archive_from_a_file_url_is_read_as_it_comes(tmp_path, dat
     reader = TCIANucleiReader(root, downloads=[entry])
     assert ensure_dataset(reader, progress=False) == root
     assert sorted(reader.case_ids()) == sorted(ids)
+    # no published checksum: the hash computed while downloading is recorded, to be pinned in the config
+    rec = json.loads((root / ".histoseg-download-manual_segmentation_data.tar.gz.json").read_text())
+    assert rec["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert rec["verified_against_published"] is False and rec["bytes"] == archive.stat().st_size
     for cid in ids:
         ours, theirs = reader.read(cid), kit.read(cid)
         assert (ours.image == theirs.image).all() and (ours.instances == theirs.instances).all()

@@ -18,10 +18,15 @@ one entry is a dict:
 member (absolute paths, ``..`` components, links and device files are rejected before anything is written),
 checks the layout, and only then moves the result into the root. On any failure the staging folder is
 deleted: no partial archive or half-extracted dataset is left behind.
+
+Provenance: the root gets ``.histoseg-download-<archive>.json`` per archive (URL, byte size, the SHA-256 computed
+while downloading, and whether it was checked against a published one). Where none is published, that file is
+the hash to pin in the dataset config (``sha256:``) for the next machine.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -63,8 +68,15 @@ def ensure_dataset(reader, progress: bool = True) -> Path:
     try:
         data = staging / "data"
         data.mkdir()
+        records = []
         for e in entries:
             archive = fetch(e["url"], staging / e["filename"], e.get("sha256"), progress=progress)
+            digest = str(e["sha256"]).lower() if e.get("sha256") else sha256_of(archive)
+            records.append({"url": e["url"], "filename": e["filename"], "bytes": archive.stat().st_size,
+                            "sha256": digest, "verified_against_published": bool(e.get("sha256"))})
+            if not e.get("sha256"):
+                log.warning("%s: SHA-256 of %s is %s; pin it as the entry's sha256 to verify later downloads",
+                            reader.name, e["filename"], digest)
             dest = data / e.get("extract_to", ".")
             extract(archive, dest, strip=e.get("strip", 0))
             archive.unlink()
@@ -74,6 +86,8 @@ def ensure_dataset(reader, progress: bool = True) -> Path:
                 f"{reader.name}: the downloaded archive(s) do not have the expected layout: nothing matches {missing} "
                 f"(got top-level entries {sorted(p.name for p in data.iterdir())[:10]})"
             )
+        for rec in records:
+            (data / f".histoseg-download-{rec['filename']}.json").write_text(json.dumps(rec, indent=1) + "\n")
         _merge_into(data, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
