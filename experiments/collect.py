@@ -32,7 +32,27 @@ def run_info(run: Path, metrics: list[str]) -> dict:
     if tim.is_file():
         wall = json.loads(tim.read_text())
     return {"seed": cfg.get("seed"), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
-            "overrides": overrides, "timing": wall}
+            "overrides": overrides, "timing": wall, "selected": selected_checkpoint(run)}
+
+
+def selected_checkpoint(run: Path) -> dict | None:
+    """The best checkpoint's epoch (``checkpoints/epoch_NNN.ckpt``) and, where the run logged ``time/fit_min``
+    (histoseg's WallClock callback), the wall-clock minutes of fitting after which it existed."""
+    import csv
+    import re
+
+    found = sorted((run / "checkpoints").glob("epoch_*.ckpt")) if (run / "checkpoints").is_dir() else []
+    m = re.fullmatch(r"epoch_(\d+)\.ckpt", found[-1].name) if found else None
+    if m is None:
+        return None
+    epoch, minutes = int(m.group(1)), None
+    log = run / "csv" / "metrics.csv"
+    if log.is_file():
+        with log.open() as f:
+            for r in csv.DictReader(f):
+                if r.get("time/fit_min") and r.get("epoch") not in (None, "") and int(float(r["epoch"])) == epoch:
+                    minutes = round(float(r["time/fit_min"]), 1)
+    return {"epoch": epoch, "fit_min": minutes}
 
 
 def main(argv=None) -> None:
@@ -60,7 +80,8 @@ def main(argv=None) -> None:
         budget=a.budget,
         seeds=[r["seed"] for r in runs],
         metrics={m: {"per_seed": [round(float(r["metrics"][m]), 6) for r in runs]} for m in a.metrics},
-        runs=[{"dir": str(p), "seed": r["seed"], "n_images": r["n_images"], "timing": r["timing"]} for p, r in zip(sorted(a.runs), runs)],
+        runs=[{"dir": str(p), "seed": r["seed"], "n_images": r["n_images"], "timing": r["timing"],
+               "selected_checkpoint": r["selected"]} for p, r in zip(sorted(a.runs), runs)],
     )
     folder.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")

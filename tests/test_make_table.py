@@ -102,3 +102,25 @@ def test_missing_markers_is_an_error(tmp_path):
 
 def test_the_repository_tables_are_up_to_date():
     assert mt.update(ROOT, check=True) == [], "run: python experiments/make_table.py"
+
+
+def test_collect_reads_the_selected_checkpoint_and_its_wall_time(tmp_path):
+    """experiments/collect.py: per run, the seed, the test metrics and the best checkpoint's epoch together with
+    the WallClock minutes logged for that epoch (so "reached within N min" is measured, not estimated)."""
+    spec = importlib.util.spec_from_file_location("collect", ROOT / "experiments" / "collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    run = tmp_path / "seed_1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "csv").mkdir()
+    (run / "summary.json").write_text(json.dumps({"n_images": 14, "mean": {"dice": 0.8, "aji": 0.6}}))
+    (run / "config.yaml").write_text("seed: 1\n")
+    for name in ("epoch_002.ckpt", "last.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    (run / "csv" / "metrics.csv").write_text(
+        "epoch,step,time/fit_min,val/dice\n0,3,,0.5\n0,3,1.25,\n1,7,2.5,\n2,11,3.75,\n2,11,,0.7\n3,15,5.0,\n")
+    info = collect.run_info(run, ["dice"])
+    assert info["seed"] == 1 and info["metrics"] == {"dice": 0.8} and info["n_images"] == 14
+    assert info["selected"] == {"epoch": 2, "fit_min": 3.8}  # 3.75 rounded to 0.1 min
+    with pytest.raises(SystemExit, match="has no \\['pq'\\]"):
+        collect.run_info(run, ["pq"])

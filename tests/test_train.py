@@ -75,6 +75,14 @@ def test_resuming_a_finished_run_tunes_and_tests_it(make_cfg, tmp_path):
     assert timing["fit_s"] == round(sum(timing["fit_s_parts"]), 1) >= first_fit
 
 
+def _fit_minutes(run_dir: Path) -> list[float]:
+    """``time/fit_min`` per epoch from a run's CSV log (the WallClock callback)."""
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r["time/fit_min"]) for r in csv.DictReader(f) if r.get("time/fit_min")]
+
+
 def test_resume_from_last_ckpt_continues_at_same_step_and_matches(make_cfg, tmp_path):
     common = ["trainer.max_epochs=2", "trainer.deterministic=true", "dataset.samples_per_epoch=16", "test=false",
               "tune_postprocess.enabled=false",
@@ -104,6 +112,10 @@ def test_resume_from_last_ckpt_continues_at_same_step_and_matches(make_cfg, tmp_
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], msg=f"weights differ after resume: {k}")
     assert float(m_res["val/dice"]) == pytest.approx(float(m_full["val/dice"]), abs=1e-6)
+    # wall-clock minutes per epoch: increasing within a run, and a resumed run counts on from the checkpoint
+    full_min, cut_min, res_min = (_fit_minutes(tmp_path / d) for d in ("full", "cut", "resumed"))
+    assert len(full_min) == 2 and 0 < full_min[0] < full_min[1]
+    assert len(cut_min) == 1 and len(res_min) == 1 and res_min[0] > cut_min[0]
 
 
 def test_binary_only_loss_on_multiclass_data_fails_before_training(make_cfg):

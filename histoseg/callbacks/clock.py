@@ -1,0 +1,39 @@
+"""Wall-clock time of fitting, logged per epoch, so a run's metrics say *when* each score was reached.
+
+Step budgets are what the recipes fix, but comparisons in this field are often made at equal wall time (the
+project's CPU reference is "25 min of training"). ``time/fit_min`` in ``metrics.csv`` (and W&B) gives, for
+every epoch, the minutes of training + validation so far; the epoch of the best checkpoint then tells how long
+the selected model took to reach. The count survives resuming: it is stored in the checkpoint.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class WallClock(Callback):
+    """Logs ``time/fit_min`` (wall-clock minutes of fitting so far) at the end of every training epoch."""
+
+    def __init__(self, name: str = "time/fit_min"):
+        self.name = name
+        self._t0: float | None = None
+        self._offset = 0.0  # minutes already spent before a resume
+
+    def elapsed_min(self) -> float:
+        return self._offset + ((time.perf_counter() - self._t0) / 60.0 if self._t0 is not None else 0.0)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs after the epoch's validation loop, so the figure covers training + validation
+        pl_module.log(self.name, round(self.elapsed_min(), 3), on_step=False, on_epoch=True)
+
+    def state_dict(self) -> dict:
+        return {"fit_min": self.elapsed_min()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._offset = float(state_dict.get("fit_min", 0.0))
+        self._t0 = None
