@@ -66,11 +66,19 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", required=True)
     ap.add_argument("--command", nargs="+", required=True, help="the command(s) that made the runs")
     ap.add_argument("--out", default=None, help="results file name (default results.json)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="the training seeds of the runs, in --runs order (for histoseg-eval runs, whose own config "
+                         "holds the evaluation's seed, not the checkpoint's)")
     a = ap.parse_args(argv)
     folder = Path(__file__).resolve().parent / a.name
     out = folder / (a.out or "results.json")
     old = json.loads(out.read_text()) if out.is_file() else {}
     runs = [run_info(r, a.metrics) for r in sorted(a.runs)]
+    if a.seeds is not None:
+        if len(a.seeds) != len(runs):
+            raise SystemExit(f"--seeds has {len(a.seeds)} values for {len(runs)} runs")
+        for r, s in zip(runs, [s for _, s in sorted(zip(a.runs, a.seeds))]):
+            r["seed"] = s
     res = dict(old)
     res.update(
         dataset=a.dataset or old.get("dataset") or a.name,
