@@ -30,9 +30,32 @@ def train_main() -> None:
     hydra_entry("train", run)
 
 
+def dataset_from_checkpoint(args: list[str]) -> str | None:
+    """``histoseg-eval ckpt_path=X`` with no ``dataset=``: the name of the data the checkpoint was trained on
+    (stored in it), when a dataset config of that name exists; None otherwise (Hydra then asks for one)."""
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    if "dataset" in keys:
+        return None
+    ckpt = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("ckpt_path", "ckpt")), None)
+    if not ckpt:
+        return None
+    from histoseg.models.loading import load_checkpoint
+
+    try:
+        name = (load_checkpoint(ckpt)["histoseg"].get("dataset") or {}).get("name")
+    except Exception:  # missing or foreign file: the task itself reports it, naming the file
+        return None
+    return name if name and (conf_dir() / "dataset" / f"{name}.yaml").is_file() else None
+
+
 def eval_main() -> None:
+    """``histoseg-eval ckpt_path=... [dataset=...]``: without ``dataset=``, the checkpoint's own training data."""
     from histoseg.tasks.evaluate import run
 
+    name = dataset_from_checkpoint(sys.argv[1:])
+    if name is not None:
+        print(f"histoseg-eval: dataset={name} (the checkpoint's training data)", file=sys.stderr)
+        sys.argv.append(f"dataset={name}")
     hydra_entry("eval", run)
 
 

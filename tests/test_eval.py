@@ -107,3 +107,19 @@ def test_checkpoint_stores_the_training_dataset_for_predict_and_eval(trained):
     ckpt = load_checkpoint(trained["ckpt"])  # weights_only=True
     assert ckpt["histoseg"]["dataset"] == {"name": "synthetic", "mpp": 0.5, "class_names": ["background", "nucleus"]}
     assert ckpt["HistoDataModule"]["split"]["test"] == ["syn-test-0000", "syn-test-0001", "syn-test-0002"]
+
+
+def test_eval_command_defaults_to_the_checkpoints_own_dataset(trained, tmp_path):
+    """``histoseg-eval ckpt_path=X`` without ``dataset=``: the command fills in the training data's name from the
+    checkpoint; an explicit ``dataset=`` wins; an unreadable checkpoint leaves it to the task's own error."""
+    from histoseg.cli import dataset_from_checkpoint
+
+    ck = trained["ckpt"]
+    assert dataset_from_checkpoint([f"ckpt_path={ck}", "split=val"]) == "synthetic"
+    assert dataset_from_checkpoint([f"ckpt={ck}"]) == "synthetic"
+    assert dataset_from_checkpoint([f"ckpt_path={ck}", "dataset=monuseg"]) is None
+    assert dataset_from_checkpoint(["split=val"]) is None
+    bad = tmp_path / "not_a.ckpt"
+    bad.write_bytes(b"junk")
+    assert dataset_from_checkpoint([f"ckpt_path={bad}"]) is None
+    assert dataset_from_checkpoint([f"ckpt_path={tmp_path / 'missing.ckpt'}"]) is None
