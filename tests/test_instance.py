@@ -211,3 +211,13 @@ def test_tuning_for_aji_and_pq_drops_spurious_specks():
     assert len(np.unique(kept)) - 1 == 3 and panoptic_quality(inst, kept)["pq"] < 0.8
     scores = {r["min_size"]: r["aji_pq"] for r in table}
     assert scores[30] > scores[0] + 0.05
+
+
+def test_multi_head_model_with_a_plain_loss_names_the_fix(make_cfg):
+    """A preset's ``override /loss`` wins over the target config's: the error says which loss to add."""
+    from histoseg.tasks.train import build_task
+    from histoseg.tasks.utils import ConfigError
+
+    cfg = make_cfg("target=three_class_distance", "loss=dice_ce", "trainer=debug")
+    with pytest.raises(ConfigError, match=r"loss=mh_three_class_distance"):
+        build_task(cfg)

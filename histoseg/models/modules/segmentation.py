@@ -86,7 +86,11 @@ class SegmentationTask(L.LightningModule):
             raise ValueError(f"net outputs {got} channels but a {self.mode} task with {num_classes} classes needs {self.out_channels}")
         self.loss_fn = loss
         if self.heads and loss is not None and not isinstance(loss, MultiHeadLoss):
-            raise ValueError("a multi-head model needs a MultiHeadLoss (choose a target=... config, which sets it)")
+            raise ValueError(
+                f"model.heads={dict(self.heads)} needs a MultiHeadLoss, got {type(loss).__name__}: a target=... config "
+                "sets it, but an experiment preset's `override /loss` wins over it; add the matching loss=mh_<target> "
+                "(e.g. loss=mh_three_class_distance) or use an instance preset (experiment=monuseg_instance / nuclei_instance)"
+            )
         if loss is not None and getattr(loss, "mode", None) not in (None, self.mode) and not self.heads:
             raise ValueError(
                 f"loss is configured for {loss.mode} segmentation but the dataset has {num_classes} classes ({self.mode})"
