@@ -202,7 +202,7 @@ def test_tuning_for_aji_and_pq_drops_spurious_specks():
         maps[key][34:37, 54:57] = 1.0  # 9-pixel speck far from both nuclei
     maps["probs"] = np.stack([1 - maps["fg"], maps["fg"]])
     pp = PostProcessor(instances="markers", marker_source="interior_distance", min_marker_size=1, fill_holes=True)
-    task = SimpleNamespace(postprocess=pp, heads={"seg": 3, "dist": 1}, predict_maps=lambda image: maps)
+    task = SimpleNamespace(postprocess=pp, heads={"seg": 3, "dist": 1}, predict_maps=lambda image: maps, num_classes=2)
     sample = SimpleNamespace(image=None, instances=inst)
     grid = {"min_size": [0, 30], "marker_threshold": [0.5]}
     best, table = tune_postprocess(task, [sample], "aji_pq", grid)
@@ -221,3 +221,28 @@ def test_multi_head_model_with_a_plain_loss_names_the_fix(make_cfg):
     cfg = make_cfg("target=three_class_distance", "loss=dice_ce", "trainer=debug")
     with pytest.raises(ConfigError, match=r"loss=mh_three_class_distance"):
         build_task(cfg)
+
+
+def test_tuning_for_dice_scores_the_post_processed_mask_and_needs_no_instances():
+    """``dice`` scores the class map the test step scores: a faint false blob (p = 0.55) is dropped by the
+    higher threshold, and the best entry's Dice equals the image Dice of that post-processed mask."""
+    from types import SimpleNamespace
+
+    from histoseg.inference.tuning import tune_postprocess
+    from histoseg.metrics.pixel import image_scores
+
+    inst = two_touching_discs()
+    fg = np.where(inst > 0, 0.9, 0.05)
+    fg[5:35, 50:59] = 0.55  # 270-pixel blob right of both discs, no nucleus there
+    probs = fg[None].astype(np.float32)  # a binary model: (1, H, W) foreground probability
+    pp = PostProcessor(instances="watershed")
+    task = SimpleNamespace(postprocess=pp, heads=None, predict_maps=lambda image: {"probs": probs}, num_classes=2)
+    sample = SimpleNamespace(image=None, instances=None, mask=(inst > 0).astype(np.uint8))
+    best, table = tune_postprocess(task, [sample], "dice", {"threshold": [0.5, 0.6], "min_size": [0]})
+    assert best["threshold"] == 0.6 and len(table) == 2
+    scores = {r["threshold"]: r["dice"] for r in table}
+    assert scores[0.6] == pytest.approx(1.0) and scores[0.5] < 0.9
+    low = pp.with_params(threshold=0.5, min_size=0)(probs)["labels"]
+    assert scores[0.5] == pytest.approx(image_scores(low, sample.mask, 2)["dice"])
+    with pytest.raises(ValueError, match="instance maps"):
+        tune_postprocess(task, [sample], "aji", {"threshold": [0.5]})

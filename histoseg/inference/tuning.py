@@ -18,17 +18,25 @@ import torch
 
 from histoseg.data.io import publish
 from histoseg.metrics.instance import aji, aji_plus, panoptic_quality
+from histoseg.metrics.pixel import image_scores
 
 log = logging.getLogger(__name__)
 
+# each objective scores one validation sample against the post-processed output ``{"labels", "instances"}``
 OBJECTIVES = {
-    "aji": aji,
-    "aji_plus": aji_plus,
-    "pq": lambda t, p: panoptic_quality(t, p)["pq"],
+    "aji": lambda s, out, k: aji(s.instances, out["instances"]),
+    "aji_plus": lambda s, out, k: aji_plus(s.instances, out["instances"]),
+    "pq": lambda s, out, k: panoptic_quality(s.instances, out["instances"])["pq"],
     # both instance targets at once: AJI rewards the pixel overlap of matched nuclei, PQ also counts every
     # unmatched (e.g. small spurious) object, so AJI alone leaves ``min_size`` free to keep noise
-    "aji_pq": lambda t, p: 0.5 * (aji(t, p) + panoptic_quality(t, p)["pq"]),
+    "aji_pq": lambda s, out, k: 0.5 * (aji(s.instances, out["instances"])
+                                       + panoptic_quality(s.instances, out["instances"])["pq"]),
+    # whole-image pixel Dice of the post-processed class map, exactly as the test step scores it: for datasets
+    # whose reported metric is Dice (e.g. BreCaHAD's point discs), where the threshold and min_size trade
+    # spurious blobs against missed nuclei
+    "dice": lambda s, out, k: image_scores(out["labels"], s.mask, k)["dice"],
 }
+NEEDS_INSTANCES = {"aji", "aji_plus", "pq", "aji_pq"}
 
 DEFAULT_GRIDS = {
     "watershed": {"h": [0.5, 1.0, 2.0, 3.0], "smooth": [0.5, 1.0, 2.0], "threshold": [0.4, 0.5, 0.6],
@@ -39,15 +47,17 @@ DEFAULT_GRIDS = {
 
 
 def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = None) -> tuple[dict, list[dict]]:
-    """Grid search over post-processing settings on ``samples`` (validation images with instance maps).
+    """Grid search over post-processing settings on ``samples`` (validation images; instance maps for the
+    instance objectives).
 
     Returns ``(best_params, table)`` where ``table`` lists every combination with its mean score.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
-    samples = [s for s in samples if s.instances is not None]
+    if objective in NEEDS_INSTANCES:
+        samples = [s for s in samples if s.instances is not None]
     if not samples:
-        raise ValueError("no validation image has an instance map: cannot tune instance post-processing")
+        raise ValueError(f"no validation image to score {objective!r} on (it needs instance maps): cannot tune")
     pp = task.postprocess
     grid = dict(grid or DEFAULT_GRIDS.get(pp.instances, {}))
     if not grid:
@@ -60,7 +70,7 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
     for values in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, values))
         cand = pp.with_params(**params)
-        scores = [score_fn(s.instances, cand(m)["instances"]) for s, m in zip(samples, maps)]
+        scores = [score_fn(s, cand(m), task.num_classes) for s, m in zip(samples, maps)]
         table.append({**params, objective: float(np.mean(scores))})
     best = max(table, key=lambda r: r[objective])
     log.info("tuned post-processing on %d validation images: %s", len(samples), best)

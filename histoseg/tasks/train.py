@@ -197,10 +197,15 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
 
     from histoseg.inference.tuning import store_postprocess, tune_postprocess
 
-    samples = [s for s in (datamodule.val_set.samples if datamodule.val_set else []) if s.instances is not None]
+    from histoseg.inference.tuning import NEEDS_INSTANCES
+
+    objective = tune_cfg.get("objective", "aji")
+    samples = list(datamodule.val_set.samples if datamodule.val_set else [])
+    if objective in NEEDS_INSTANCES:
+        samples = [s for s in samples if s.instances is not None]
     samples = samples[: tune_cfg.get("max_images") or None]
     if not samples:
-        log.warning("no validation image has an instance map: post-processing thresholds stay as configured")
+        log.warning("no validation image to tune %r on: post-processing thresholds stay as configured", objective)
         return
     cb = trainer.checkpoint_callback
     best = getattr(cb, "best_model_path", "") if cb is not None else ""
@@ -208,7 +213,7 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     grid = OmegaConf.to_container(tune_cfg.grid, resolve=True) if tune_cfg.get("grid") else None
-    params, table = tune_postprocess(task, samples, tune_cfg.get("objective", "aji"), grid)
+    params, table = tune_postprocess(task, samples, objective, grid)
     task.postprocess = task.postprocess.with_params(**params)
     if trainer.is_global_zero:
         for path in {best, getattr(cb, "last_model_path", "") if cb is not None else ""} - {""}:
