@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from histoseg.utils.precision import cpu_has_fast_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -139,6 +141,9 @@ def environment(device: torch.device) -> dict:
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
         "cpu_count": cpu_count(),
+        # what makes CPU bf16 fast or slow (histoseg/utils/precision.py): AVX2 vs AVX512, oneDNN bf16 kernels
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_kernels": cpu_has_fast_bf16(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_1_5_15": loadavg(),
         "versions": versions(),

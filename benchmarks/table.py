@@ -45,7 +45,10 @@ def _hit(g: dict | None) -> str:
 def section(name: str, data: dict) -> list[str]:
     env, b = data.get("env", {}), data.get("benchmarks", {})
     lines = [f"### {env.get('device_name', name)} (`results/{name}.json`)", ""]
-    lines.append(f"`{data.get('command', '?')}` on {env.get('date', '?')}, {env.get('cpu_count', '?')} CPUs, "
+    isa = ""
+    if "cpu_capability" in env:  # recorded since 2026-12: decides whether CPU bf16 is fast (histoseg/utils/precision.py)
+        isa = f" ({env['cpu_capability']}, {'with' if env.get('cpu_bf16_kernels') else 'no'} oneDNN bf16 kernels)"
+    lines.append(f"`{data.get('command', '?')}` on {env.get('date', '?')}, {env.get('cpu_count', '?')} CPUs{isa}, "
                  f"torch {env.get('versions', {}).get('torch', '?')}, threads: {data.get('threads', '?')}, "
                  f"git {env.get('git', '?')}.")
     lines.append("")

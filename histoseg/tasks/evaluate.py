@@ -19,6 +19,7 @@ from histoseg.tasks.restore import restore_task
 from histoseg.tasks.utils import (
     ConfigError,
     build,
+    build_trainer,
     check_mandatory,
     instantiate_callbacks,
     instantiate_loggers,
@@ -63,7 +64,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
         write_run_metadata(cfg, out)
     log.info("Evaluating on %d whole %s images of %s", len(loader.dataset), cfg.split, datamodule.name)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from histoseg.tasks.utils import (
     ConfigError,
     build,
+    build_trainer,
     get_metric_value,
     instantiate_callbacks,
     instantiate_loggers,
@@ -111,7 +112,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     task = build_task(cfg, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": task, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
     if trainer.is_global_zero and cfg.get("paths", {}).get("output_dir"):
@@ -195,9 +196,7 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
     """Tune instance post-processing on the validation images with the best weights; store in checkpoints."""
     import json
 
-    from histoseg.inference.tuning import store_postprocess, tune_postprocess
-
-    from histoseg.inference.tuning import NEEDS_INSTANCES
+    from histoseg.inference.tuning import NEEDS_INSTANCES, store_postprocess, tune_postprocess
 
     objective = tune_cfg.get("objective", "aji")
     samples = list(datamodule.val_set.samples if datamodule.val_set else [])

@@ -31,6 +31,24 @@ def build(node, what: str, **kwargs):
         raise ConfigError(f"{what}: {cause}") from cause
 
 
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
+    """The Lightning Trainer from ``cfg.trainer``, with ``precision: auto`` resolved for this machine
+    (:mod:`histoseg.utils.precision`); the resolved value is written back into ``cfg`` so run metadata and
+    loggers record what actually ran."""
+    from omegaconf import open_dict
+
+    from histoseg.utils.precision import resolve_precision
+
+    tr = cfg.trainer
+    if tr.get("precision") is not None:
+        resolved = resolve_precision(tr.precision, tr.get("accelerator", "auto"))
+        if resolved != str(tr.precision):
+            log.info("trainer.precision=%s resolved to %s on this machine", tr.precision, resolved)
+        with open_dict(cfg):
+            cfg.trainer.precision = resolved
+    return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+
 def instantiate_callbacks(cfg: DictConfig | None) -> list:
     from lightning.pytorch.callbacks import Callback
 
