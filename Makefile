@@ -23,11 +23,17 @@ install: $(STAMP) ## create .venv if missing and install histoseg with dev extra
 train: $(STAMP) ## train the embedded synthetic default (~1 min on 2 CPU cores); ARGS="..." adds overrides
 	$(PY) train.py experiment=synthetic_quick $(ARGS)
 
+# the suite in parallel: one pytest-xdist worker per core (at most 4; each worker gets cores / workers torch
+# threads, see tests/conftest.py); tests sharing a module fixture stay on one worker (xdist_group + loadgroup).
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup
+
 test: $(STAMP) ## run the whole test suite (what CI runs; real-data tests read the data kit in place)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the suite without tests marked slow (for development; CI runs them all)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run the benchmarks and write benchmarks/results/<host>.json
 	$(PY) -m benchmarks.run $(ARGS)

@@ -59,6 +59,19 @@ def make_cfg(tmp_path):
     return _make
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) each worker gets its share of the cores as torch threads, and so do the
+    processes it starts (OMP_NUM_THREADS): two workers with two threads each on two cores would stall each
+    other's parallel regions."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        n = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+
+
 DATA = Path(data_root())
 HAVE_DATA = (DATA / "DATA.md").is_file() or (DATA / "monuseg").is_dir()
 

@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader
 from benchmarks import data_pipeline, growth, inference, run, table, training, wsi_bench
 from benchmarks.common import Options
 
+# its module-scoped fixtures are built once: keep the module on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
 
 @pytest.fixture(scope="module")
 def opts(tmp_path_factory) -> Options:

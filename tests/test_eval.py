@@ -11,6 +11,9 @@ from histoseg.tasks.train import train
 from histoseg.tasks.utils import ConfigError
 from tests.conftest import compose_cfg
 
+# its module-scoped fixtures are built once: keep the module on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("eval")
+
 DATA = ["dataset=synthetic", "dataset.reader.n_train=4", "dataset.reader.n_val=2", "dataset.reader.n_test=3",
         "dataset.reader.image_shape=[96,96]"]
 EVAL_BASE = [*DATA, "trainer.precision=32-true", "trainer.enable_progress_bar=false"]

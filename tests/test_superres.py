@@ -27,6 +27,9 @@ from histoseg.tasks.train import train
 from histoseg.tasks.utils import ConfigError
 from histoseg.utils.config import conf_dir
 
+# its module-scoped fixtures are built once: keep the module on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("superres")
+
 # tiny SR settings every SR test starts from (task=sr selects model=srgan and dataset=sr_synthetic)
 SR_TINY = [
     "task=sr",

@@ -25,6 +25,9 @@ from histoseg.wsi.tissue import detect_tissue
 from tests.conftest import compose_cfg
 from tests.helpers_ckpt import dark_is_nucleus, write_checkpoint
 
+# its module-scoped fixtures are built once: keep the module on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("wsi")
+
 MPP = 0.5
 SMALL_UNET = {"_target_": "histoseg.models.backbones.unet.UNet", "_partial_": True, "depth": 2, "width": 4,
               "batch_norm": False}
