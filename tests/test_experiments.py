@@ -45,15 +45,39 @@ def test_preset_is_overrides_only_with_tags_and_a_run_command(name):
         assert isinstance(d, dict) and all(k.startswith("override /") for k in d), f"{name}: {d} is not an override"
 
 
+EVAL_CROP = 512  # px: validation / test images of the preset checks are cropped to this (>= every preset's tile)
+
+
+def crop_eval_images(monkeypatch, side: int = EVAL_CROP) -> None:
+    """Whole-image validation and test read the top-left ``side`` x ``side`` of each image: the same code path
+    (tiling, stitching, post-processing, metrics) at a fifth of the pixels of a 1360x1024 BreCaHAD image."""
+    import dataclasses
+
+    from histoseg.data import datamodule
+
+    def crop(s):
+        if s.image.shape[0] <= side and s.image.shape[1] <= side:
+            return s
+        cut = {k: getattr(s, k)[:side, :side] for k in ("image", "mask", "instances") if getattr(s, k) is not None}
+        return dataclasses.replace(s, **cut)
+
+    class Cropped(datamodule.WholeImageDataset):
+        def __init__(self, samples):
+            super().__init__([crop(s) for s in samples])
+
+    monkeypatch.setattr(datamodule, "WholeImageDataset", Cropped)
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_preset_trains_one_fast_dev_run_step(make_cfg, name, request):
+def test_preset_trains_one_fast_dev_run_step(make_cfg, name, request, monkeypatch):
     from histoseg.tasks.train import train
 
     if not embedded(name):
         request.getfixturevalue("data_dir")  # a clear failure if the kit is missing
+    crop_eval_images(monkeypatch)
     cfg = make_cfg(f"experiment={name}", "trainer=debug", "logger=csv", base=[])
     assert cfg.dataset.name == dataset_of(name)
-    with open_dict(cfg):  # tiny: 1 batch of 2 patches, 1 validation and 1 test image, tiles without overlap
+    with open_dict(cfg):  # tiny: 1 batch of 2 patches, 1 validation and 1 test image (cropped), tiles without overlap
         cfg.dataset.batch_size, cfg.dataset.samples_per_epoch = 2, 2
         cfg.dataset.limit_val = cfg.dataset.limit_test = 1
         if "limit_train" in cfg.dataset:  # read 2 training images, not the whole set
@@ -67,6 +91,9 @@ def test_preset_trains_one_fast_dev_run_step(make_cfg, name, request):
     assert any(k.startswith("test/") for k in metrics)
     if cfg.monitor == "val/dice":
         assert 0.0 <= float(metrics["val/dice"]) <= 1.0 and 0.0 <= float(metrics["test/dice"]) <= 1.0
+    whole = getattr(obj["datamodule"].test_set, "samples", None)  # segmentation sets (SR sets hold HR/LR pairs)
+    if whole:
+        assert max(whole[0].image.shape[:2]) <= EVAL_CROP  # the crop applied
 
 
 def compose(make_cfg, name):
