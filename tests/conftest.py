@@ -67,7 +67,9 @@ def pytest_configure(config):
     if workers > 1:
         import torch
 
-        n = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+        from benchmarks.common import cpu_count
+
+        n = max(1, cpu_count() // workers)
         torch.set_num_threads(n)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
 
