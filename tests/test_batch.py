@@ -1,0 +1,112 @@
+"""experiments/batch.py: presets x seeds run N at a time, with a deadline, a batch.json summary and a tarball."""
+import importlib.util
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("batch", ROOT / "experiments" / "batch.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+batch = load_script()
+
+
+def test_two_seeds_run_side_by_side_and_pack_without_checkpoints(tmp_path, capsys):
+    root, out = tmp_path / "runs", tmp_path / "back" / "runs.tar.gz"
+    rc = batch.main(["synthetic_quick", "--seeds", "0", "1", "--parallel", "2", "--root", str(root),
+                     "--set", "trainer=debug", "--pack", str(out)])
+    assert rc == 0
+    summary = json.loads((root / "batch.json").read_text())
+    jobs = {j["name"]: j for j in summary["jobs"]}
+    assert set(jobs) == {"synthetic_quick/seed_0", "synthetic_quick/seed_1"}
+    for j in jobs.values():
+        assert j["status"] == "ok" and j["returncode"] == 0
+        assert 0.0 <= j["metrics"]["dice"] <= 1.0 and "aji" in j["metrics"]
+        assert "trainer=debug" in j["cmd"] and f"hydra.run.dir={j['run_dir']}" in j["cmd"]
+    # both ran at once: the second started before the first had finished
+    first, second = jobs["synthetic_quick/seed_0"], jobs["synthetic_quick/seed_1"]
+    assert second["started_s"] < first["started_s"] + first["wall_s"]
+    # each seed landed in its own run folder, as experiments/collect.py expects
+    for s in (0, 1):
+        cfg = (root / "synthetic_quick" / f"seed_{s}" / "config.yaml").read_text()
+        assert f"seed: {s}" in cfg
+    assert list(root.rglob("*.ckpt")), "the runs keep their checkpoints on disk"
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    assert "runs/batch.json" in names
+    assert {"runs/synthetic_quick/seed_0/summary.json", "runs/synthetic_quick/seed_1/summary.json"} <= set(names)
+    assert "runs/synthetic_quick/seed_0.log" in names
+    assert not [n for n in names if n.endswith(".ckpt")]
+    assert not out.with_name(out.name + ".part").exists()
+    table = capsys.readouterr().out
+    assert "synthetic_quick/seed_1" in table and "dice=" in table
+
+
+def test_a_failing_job_is_reported_with_its_log_and_fails_the_batch(tmp_path, capsys):
+    root = tmp_path / "runs"
+    rc = batch.main(["synthetic_quick", "--root", str(root), "--set", "model=no_such_model"])
+    assert rc == 1
+    job = json.loads((root / "batch.json").read_text())["jobs"][0]
+    assert job["status"] == "failed" and job["returncode"] != 0 and job["metrics"] == {}
+    printed = capsys.readouterr().out
+    # the failure names its log and shows the tail of it (Hydra's error names the bad option)
+    assert str(root / "synthetic_quick" / "seed_0.log") in printed and "no_such_model" in printed
+
+
+def test_deadline_stops_the_running_job_with_its_children_and_skips_the_rest(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    # a job that starts a child (as a data-loader worker would) and then outlives any sane deadline
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(600)")
+    jobs = [batch.Job(name=f"sleep{i}", cmd=[sys.executable, "-c", code], log=tmp_path / f"sleep{i}.log")
+            for i in range(2)]
+    lines = []
+    batch.run_jobs(jobs, parallel=1, deadline_s=3, poll_s=0.1, grace_s=2, echo=lines.append)
+    assert [j.status for j in jobs] == ["timeout", "not_started"]
+    assert jobs[0].returncode is not None and jobs[1].proc is None
+    child = int(pidfile.read_text())
+    for _ in range(50):  # the grandchild was in the job's process group: it is gone too
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child process {child} outlived the deadline")
+    assert any("deadline" in line for line in lines)
+
+
+def test_exit_status_of_each_job_is_kept(tmp_path):
+    jobs = [batch.Job(name="ok", cmd=[sys.executable, "-c", "print('fine')"], log=tmp_path / "ok.log"),
+            batch.Job(name="bad", cmd=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                      log=tmp_path / "bad.log")]
+    lines = []
+    batch.run_jobs(jobs, parallel=2, poll_s=0.05, echo=lines.append)
+    assert [(j.status, j.returncode) for j in jobs] == [("ok", 0), ("failed", 3)]
+    assert "boom" in "\n".join(lines)  # the failing job's log tail is shown
+    assert (tmp_path / "ok.log").read_text().strip() == "fine"
+
+
+def test_dry_run_and_unknown_preset(tmp_path, capsys):
+    assert batch.main(["nuclei_instance", "brecahad_strong", "--seeds", "0", "2", "--dry-run",
+                       "--root", str(tmp_path), "--set", "trainer=gpu"]) == 0
+    cmds = capsys.readouterr().out.strip().splitlines()
+    assert len(cmds) == 4 and all(c.endswith("trainer=gpu") for c in cmds)
+    assert f"experiment=brecahad_strong seed=2 hydra.run.dir={tmp_path}/brecahad_strong/seed_2" in cmds[3]
+    assert not (tmp_path / "batch.json").exists()
+    with pytest.raises(SystemExit):
+        batch.main(["no_such_preset", "--dry-run"])
+    assert "no_such_preset" in capsys.readouterr().err
