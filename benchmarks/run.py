@@ -39,8 +39,9 @@ BENCHMARKS = {
     "inference": "benchmarks.inference",
     "growth": "benchmarks.growth",
     "wsi": "benchmarks.wsi_bench",
+    "tuning": "benchmarks.tuning",
 }
-LIMIT_S = {"data": 900, "training": 2400, "inference": 900, "growth": 1800, "wsi": 2400}
+LIMIT_S = {"data": 900, "training": 2400, "inference": 900, "growth": 1800, "wsi": 2400, "tuning": 1800}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

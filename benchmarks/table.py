@@ -121,6 +121,18 @@ def section(name: str, data: dict) -> list[str]:
                 continue
             rows.append([str(r["side"]), r["peak_rss_mb"], r["workers_peak_rss_mb"], r["wall_s"], r["nuclei"]])
         lines += _table(["slide side px", "peak RSS MB", "worker peak RSS MB", "histoseg-predict s", "nuclei"], rows)
+    tu = (b.get("tuning") or {}).get("result")
+    if tu:
+        st, e = tu["settings"], b["tuning"]
+        lines.append(f"**Post-processing tuning** (`{e.get('command', '?')}`, git {e.get('git', '?')}; default grid, "
+                     f"aji_pq objective, {st['n_images']} MoNuSeg crops of {st['crop']} px with simulated maps, "
+                     f"{st['cores']} cores; seconds):")
+        lines.append("")
+        lines += _table(["mode", "settings", "plain loop", "tuner, 1 process", "tuner, auto processes",
+                         "speedup (1 / auto)", "identical tables"],
+                        [[r["mode"], str(r["settings"]), r["plain_s"], r["tuner_1_s"], r["tuner_auto_s"],
+                          f"{_f(r['speedup_1'])} / {_f(r['speedup_auto'])}", _f(r["tables_equal"])]
+                         for r in tu["rows"]])
     dp = (b.get("data") or {}).get("result")
     if dp:
         st = dp["settings"]

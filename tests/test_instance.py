@@ -246,3 +246,57 @@ def test_tuning_for_dice_scores_the_post_processed_mask_and_needs_no_instances()
     assert scores[0.5] == pytest.approx(image_scores(low, sample.mask, 2)["dice"])
     with pytest.raises(ValueError, match="instance maps"):
         tune_postprocess(task, [sample], "aji", {"threshold": [0.5]})
+
+
+def _touching_discs(seed: int, size: int = 96) -> np.ndarray:
+    """An instance map of 14 random, partly touching discs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    inst = np.zeros((size, size), np.int32)
+    for i in range(1, 15):
+        cy, cx, r = rng.integers(10, size - 10), rng.integers(10, size - 10), rng.integers(6, 13)
+        inst[((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (inst == 0)] = i
+    return inst
+
+
+@pytest.mark.parametrize("mode", ["watershed", "markers"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tuning_grid_equals_a_plain_loop_over_every_setting(mode, workers):
+    """The tuner's shortcuts (stages reused across settings, one overlap table for AJI and PQ, images scored in
+    worker processes, relabelling by look-up table) change nothing: every grid entry equals the mean over images
+    of the plain post-processor + metrics called afresh, in the same table order."""
+    from benchmarks.tuning import plain_grid, simulated_maps, tuner_task
+    from histoseg.inference.tuning import DEFAULT_GRIDS, tune_postprocess
+
+    images = [(inst, simulated_maps(inst, s)) for s, inst in enumerate(_touching_discs(s) for s in range(3))]
+    heads = mode == "markers"
+    pp = PostProcessor(instances=mode, marker_source="interior_distance")
+    if heads:
+        grid = {k: v[:2] for k, v in DEFAULT_GRIDS["markers"].items()}
+    else:
+        grid = {"h": [0.5, 2.0], "smooth": [0.5, 1.0], "threshold": [0.4, 0.6], "min_size": [10, 60]}
+    task, samples = tuner_task(pp, images, heads)
+    best, table = tune_postprocess(task, samples, "aji_pq", grid, workers=workers)
+    expected = plain_grid(pp, grid, images, heads)
+    assert table == expected
+    assert len({r["aji_pq"] for r in table}) > 1  # the grid is not degenerate
+    assert best == {k: max(expected, key=lambda r: r["aji_pq"])[k] for k in sorted(grid)}
+
+
+def test_relabelling_matches_np_unique_for_any_ids():
+    from histoseg.metrics.instance import remap_label
+
+    def reference(inst):
+        ids, inv = np.unique(inst, return_inverse=True)
+        inv = inv.reshape(inst.shape)
+        return (inv + 1 if ids[0] != 0 else inv).astype(np.int32)
+
+    rng = np.random.default_rng(0)
+    cases = [rng.choice([0, 3, 7, 1000, 65535], size=(20, 30)).astype(np.uint16),   # gaps, background
+             rng.choice([5, 9, 12], size=(10, 10)).astype(np.int64),                 # no background
+             np.zeros((4, 4), np.int32),                                            # background only
+             rng.choice([0, -4, 2], size=(6, 6)),                                   # negative ids (np.unique path)
+             rng.choice([0, 2**40], size=(6, 6)).astype(np.int64)]                  # ids far above the pixel count
+    for inst in cases:
+        got = remap_label(inst)
+        assert got.dtype == np.int32 and np.array_equal(got, reference(inst)), inst.dtype

@@ -49,15 +49,22 @@ def clean_class_map(labels: np.ndarray, opening_radius: int = 0, fill_holes: boo
     return out
 
 
-def distance_watershed(mask: np.ndarray, h: float = 1.0, smooth: float = 1.0, min_size: int = 0) -> np.ndarray:
+def smoothed_distance(mask: np.ndarray, smooth: float = 1.0) -> np.ndarray:
+    """Euclidean distance to the background inside ``mask``, Gaussian-smoothed (sigma ``smooth``; 0: none)."""
+    dist = ndi.distance_transform_edt(np.asarray(mask).astype(bool))
+    return ndi.gaussian_filter(dist, smooth) if smooth > 0 else dist
+
+
+def distance_watershed(mask: np.ndarray, h: float = 1.0, smooth: float = 1.0, min_size: int = 0,
+                       dist: np.ndarray | None = None) -> np.ndarray:
     """Split touching nuclei: markers are the h-maxima of the (smoothed) distance transform of ``mask``;
-    flooding ``-distance`` from them inside the mask gives one label per nucleus."""
+    flooding ``-distance`` from them inside the mask gives one label per nucleus. ``dist``: the
+    ``smoothed_distance(mask, smooth)`` when already computed (threshold tuning reuses it across ``h``)."""
     m = np.asarray(mask).astype(bool)
     if not m.any():
         return np.zeros(m.shape, np.int32)
-    dist = ndi.distance_transform_edt(m)
-    if smooth > 0:
-        dist = ndi.gaussian_filter(dist, smooth)
+    if dist is None:
+        dist = smoothed_distance(m, smooth)
     markers, _ = ndi.label(morphology.h_maxima(dist, h) if h > 0 else morphology.local_maxima(dist))
     inst = segmentation.watershed(-dist, markers, mask=m)
     if min_size > 0:
@@ -72,6 +79,7 @@ def marker_watershed(
     marker_threshold: float = 0.5,
     min_marker_size: int = 5,
     smooth: float = 1.0,
+    cache: StageCache | None = None,
 ) -> np.ndarray:
     """Marker-controlled watershed from predicted maps (instance-aware heads).
 
@@ -81,6 +89,8 @@ def marker_watershed(
         ``interior_distance``: markers = sqrt(P(interior) * distance) > t; energy = -distance.
         ``hv``: HoVer-Net: energy from the Sobel magnitude of the hv maps; markers = foreground minus
             edges (magnitude >= t); flooding ``-(1 - edges)`` smoothed.
+
+    ``cache``: reuses the smoothed energy between calls that differ only in the marker settings (tuning).
     """
     fg = np.asarray(fg).astype(bool)
     if not fg.any():
@@ -110,7 +120,8 @@ def marker_watershed(
     else:
         raise ValueError(f"marker source must be interior, distance, interior_distance or hv, got {source!r}")
     if smooth > 0 and source != "hv":
-        energy = ndi.gaussian_filter(energy, smooth)
+        raw = energy
+        energy = _stage(cache, "energy", (source, smooth), lambda: ndi.gaussian_filter(raw, smooth))
     markers = (score > marker_threshold) & fg
     markers = ndi.binary_opening(markers, structure=np.ones((3, 3), bool)) if min_marker_size > 1 else markers
     markers, _ = ndi.label(markers)
@@ -132,6 +143,23 @@ def remove_small_instances(inst: np.ndarray, min_size: int) -> np.ndarray:
     from histoseg.metrics.instance import remap_label
 
     return remap_label(out)
+
+
+class StageCache(dict):
+    """One slot per post-processing stage (``stage -> (settings key, result)``) for one image: calls in an order
+    that changes the late settings fastest (see ``histoseg.inference.tuning``) recompute only what changed,
+    with memory bounded by one array per stage."""
+
+
+def _stage(cache: StageCache | None, stage: str, key, compute):
+    if cache is None:
+        return compute()
+    hit = cache.get(stage)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    cache[stage] = (key, value)
+    return value
 
 
 class PostProcessor:
@@ -181,21 +209,27 @@ class PostProcessor:
             "marker_threshold": self.marker_threshold, "min_marker_size": self.min_marker_size,
         }
 
-    def __call__(self, maps: np.ndarray | dict) -> dict[str, np.ndarray | None]:
+    def __call__(self, maps: np.ndarray | dict, cache: StageCache | None = None) -> dict[str, np.ndarray | None]:
+        """``cache``: a :class:`StageCache` kept per image across calls with different settings (tuning): a
+        stage whose inputs and settings did not change since the last call is reused, not recomputed."""
         if not isinstance(maps, dict):
             maps = {"probs": maps}
         src = maps["fg"][None] if "fg" in maps else maps["probs"]
-        labels = to_class_map(src, self.threshold)
-        labels = clean_class_map(labels, self.opening_radius, self.fill_holes, self.min_size)
+        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size)
+        labels = _stage(cache, "labels", label_key, lambda: clean_class_map(
+            to_class_map(src, self.threshold), self.opening_radius, self.fill_holes, self.min_size))
         inst = None
         if self.instances != "none":
             fg = labels > 0 if self.nuclei_classes is None else np.isin(labels, self.nuclei_classes)
             if self.instances == "connected":
                 inst = ndi.label(fg)[0].astype(np.int32)
             elif self.instances == "watershed":
-                inst = distance_watershed(fg, self.h, self.smooth, self.min_size)
+                dist = _stage(cache, "dist", (label_key, self.nuclei_classes, self.smooth),
+                              lambda: smoothed_distance(fg, self.smooth))
+                inst = distance_watershed(fg, self.h, self.smooth, self.min_size, dist=dist)
             else:
-                inst = marker_watershed(fg, maps, self.marker_source, self.marker_threshold, self.min_marker_size, self.smooth)
+                inst = marker_watershed(fg, maps, self.marker_source, self.marker_threshold, self.min_marker_size,
+                                        self.smooth, cache=cache)
                 if self.min_size > 0:
                     inst = remove_small_instances(inst, self.min_size)
                 if self.fill_holes:

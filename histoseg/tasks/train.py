@@ -212,7 +212,7 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     grid = OmegaConf.to_container(tune_cfg.grid, resolve=True) if tune_cfg.get("grid") else None
-    params, table = tune_postprocess(task, samples, objective, grid)
+    params, table = tune_postprocess(task, samples, objective, grid, workers=tune_cfg.get("workers", "auto"))
     task.postprocess = task.postprocess.with_params(**params)
     if trainer.is_global_zero:
         for path in {best, getattr(cb, "last_model_path", "") if cb is not None else ""} - {""}:
