@@ -285,3 +285,17 @@ def test_wsi_goals_and_table(quick_wsi):
         mem["peak_rss_mb"][1] / mem["peak_rss_mb"][0], rel=1e-2)
     text = table.render({"cpu-test": {"env": {"device": "cpu"}, "benchmarks": entries, "goals": goals}})
     assert "Whole-slide inference" in text and "`python -m benchmarks.run --only wsi`" in text and "| 1280 |" in text
+
+
+def test_tuning_benchmark_times_identical_tables_and_renders():
+    from benchmarks import tuning
+
+    res = tuning.run(Options(quick=True))
+    assert [r["mode"] for r in res["rows"]] == ["watershed", "markers"]
+    for r in res["rows"]:
+        assert r["tables_equal"] is True  # the tuner's shortcuts give the plain loop's scores
+        assert r["settings"] == (144 if r["mode"] == "watershed" else 120)
+        assert r["plain_s"] > 0 and r["tuner_1_s"] > 0 and r["tuner_auto_s"] > 0
+    entries = {"tuning": {"result": res, "command": "python -m benchmarks.run --only tuning", "git": "abc"}}
+    text = table.render({"cpu-test": {"env": {"device": "cpu"}, "benchmarks": entries, "goals": {}}})
+    assert "Post-processing tuning" in text and "| watershed | 144 |" in text

@@ -65,9 +65,10 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
     instance objectives).
 
     The maps are predicted once; each image then runs the whole grid, reusing its early stages (see
-    ``STAGE_ORDER``). ``workers``: processes scoring images side by side (Linux ``fork``: the maps are
-    inherited, not copied); ``"auto"`` uses the available cores (at most one per image) when the grid is large
-    enough to repay the start-up, 1 or None runs in this process. The result does not depend on it.
+    ``STAGE_ORDER``). ``workers``: processes scoring images (or, with more processes than images, pieces of an
+    image's grid) side by side (Linux ``fork``: the maps are inherited, not copied); ``"auto"`` uses the
+    available cores (at most 16) when the grid is large enough to repay the start-up; 1 or None runs in this
+    process. The result does not depend on it.
 
     Returns ``(best_params, table)`` where ``table`` lists every combination with its mean score.
     """
@@ -90,18 +91,26 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
     # what the objectives read of a sample (not its image): cheap to hand to worker processes
     truths = [SimpleNamespace(instances=s.instances, mask=getattr(s, "mask", None)) for s in samples]
     pixels = sum(int(np.prod(np.shape(m if isinstance(m, np.ndarray) else next(iter(m.values())))[-2:])) for m in maps)
-    n_proc = _n_workers(workers, len(samples), len(combos) * pixels)
+    n_proc = _n_workers(workers, len(combos) * pixels)
+    # tasks: (image, first, last setting); with more processes than images each image's grid is cut into
+    # contiguous pieces (a piece recomputes at most the stages it starts in)
+    pieces = min(len(combos), -(-n_proc // len(samples))) if n_proc > 1 else 1
+    bounds = np.linspace(0, len(combos), pieces + 1).astype(int)
+    tasks = [(i, int(a), int(b)) for i in range(len(samples)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     job = (pp, order, combos, objective, task.num_classes, truths, maps)
     if n_proc > 1:
         global _JOB
         _JOB = job
         try:
-            with multiprocessing.get_context("fork").Pool(n_proc) as pool:
-                per_image = pool.map(_score_image, range(len(samples)), chunksize=1)
+            with multiprocessing.get_context("fork").Pool(min(n_proc, len(tasks))) as pool:
+                parts = pool.map(_score_task, tasks, chunksize=1)
         finally:
             _JOB = None
     else:
-        per_image = [_grid_scores(job, i) for i in range(len(samples))]
+        parts = [_grid_scores(job, *t) for t in tasks]
+    per_image = [[] for _ in samples]
+    for (i, _, _), part in zip(tasks, parts):
+        per_image[i].extend(part)
     # mean over images in sample order, as one loop over candidates would give
     scored = {tuple(dict(zip(order, values))[k] for k in keys): float(np.mean([img[j] for img in per_image]))
               for j, values in enumerate(combos)}
@@ -119,30 +128,30 @@ PARALLEL_MIN_WORK = 2e7
 _JOB = None  # the grid job handed to forked workers (set only while a pool runs)
 
 
-def _n_workers(workers, n_images: int, work: float) -> int:
-    if workers in (None, 0, 1) or n_images < 2 or "fork" not in multiprocessing.get_all_start_methods():
+def _n_workers(workers, work: float) -> int:
+    if workers in (None, 0, 1) or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     if workers == "auto":
         if work < PARALLEL_MIN_WORK:
             return 1
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(cores, n_images, 16))
-    return max(1, min(int(workers), n_images))
+        return max(1, min(cores, 16))
+    return max(1, int(workers))
 
 
-def _grid_scores(job, i: int) -> list[float]:
-    """Image ``i``'s objective for every grid setting, in ``combos`` order (one StageCache for the image)."""
+def _grid_scores(job, i: int, first: int, last: int) -> list[float]:
+    """Image ``i``'s objective for grid settings ``combos[first:last]`` (one StageCache for them)."""
     pp, order, combos, objective, num_classes, truths, maps = job
     score_fn, cache = OBJECTIVES[objective], StageCache()
     return [float(score_fn(truths[i], pp.with_params(**dict(zip(order, v)))(maps[i], cache=cache), num_classes))
-            for v in combos]
+            for v in combos[first:last]]
 
 
-def _score_image(i: int) -> list[float]:
+def _score_task(task: tuple[int, int, int]) -> list[float]:
     import torch
 
     torch.set_num_threads(1)  # one core per worker (the Dice objective's stat scores use torch)
-    return _grid_scores(_JOB, i)
+    return _grid_scores(_JOB, *task)
 
 
 def store_postprocess(ckpt_path: str | Path, config: dict) -> None:
