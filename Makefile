@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv if missing and install histoseg with dev extras (torch pinned by constraints.txt)
 
-train: $(STAMP) ## train the embedded synthetic default (~1 min on 2 CPU cores); ARGS="..." adds overrides
+train: $(STAMP) ## train the embedded synthetic default (about 5 min on 2 CPU cores); ARGS="..." adds overrides
 	$(PY) train.py experiment=synthetic_quick $(ARGS)
 
 # the suite in parallel: one pytest-xdist worker per core (at most 4; each worker gets cores / workers torch
