@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.common import Options, module_main, progress
 
 FULL = dict(n_images=4, crop=512, modes=["watershed", "markers"])
-QUICK = dict(n_images=2, crop=96, modes=["watershed", "markers"])
+QUICK = dict(n_images=2, crop=64, modes=["watershed", "markers"])
 
 
 def settings(opts: Options) -> dict:

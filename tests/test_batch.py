@@ -54,15 +54,26 @@ def test_two_seeds_run_side_by_side_and_pack_without_checkpoints(tmp_path, capsy
     assert "synthetic_quick/seed_1" in table and "dice=" in table
 
 
-def test_a_failing_job_is_reported_with_its_log_and_fails_the_batch(tmp_path, capsys):
+def test_a_failing_job_is_reported_with_its_log_and_fails_the_batch(tmp_path, capsys, monkeypatch):
+    """main() with one job that fails (a stand-in command, so no second trainer starts): exit 1, the failure in
+    batch.json, the log named and its tail shown, the good job still scored."""
+    real = batch.make_jobs
+
+    def one_good_one_bad(experiments, seeds, root, overrides):
+        good = real(experiments, seeds, root, overrides)[0]
+        good.cmd = [sys.executable, "-c", "print('fine')"]
+        bad = batch.Job(name="broken/seed_0", log=root / "broken" / "seed_0.log", run_dir=root / "broken" / "seed_0",
+                        cmd=[sys.executable, "-c", "import sys; print('Could not load model/no_such_model'); sys.exit(2)"])
+        return [good, bad]
+
+    monkeypatch.setattr(batch, "make_jobs", one_good_one_bad)
     root = tmp_path / "runs"
-    rc = batch.main(["synthetic_quick", "--root", str(root), "--set", "model=no_such_model"])
-    assert rc == 1
-    job = json.loads((root / "batch.json").read_text())["jobs"][0]
-    assert job["status"] == "failed" and job["returncode"] != 0 and job["metrics"] == {}
+    assert batch.main(["synthetic_quick", "--root", str(root)]) == 1
+    jobs = json.loads((root / "batch.json").read_text())["jobs"]
+    assert [(j["status"], j["returncode"]) for j in jobs] == [("ok", 0), ("failed", 2)]
+    assert jobs[1]["metrics"] == {}
     printed = capsys.readouterr().out
-    # the failure names its log and shows the tail of it (Hydra's error names the bad option)
-    assert str(root / "synthetic_quick" / "seed_0.log") in printed and "no_such_model" in printed
+    assert str(root / "broken" / "seed_0.log") in printed and "no_such_model" in printed
 
 
 def test_deadline_stops_the_running_job_with_its_children_and_skips_the_rest(tmp_path):
