@@ -261,7 +261,7 @@ def _touching_discs(seed: int, size: int = 96) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["watershed", "markers"])
 @pytest.mark.parametrize("workers", [1, 2, 5])
-def test_tuning_grid_equals_a_plain_loop_over_every_setting(mode, workers):
+def test_tuning_grid_equals_a_plain_loop_over_every_setting(mode, workers, caplog):
     """The tuner's shortcuts (stages reused across settings, one overlap table for AJI and PQ, images scored in
     worker processes, with 5 workers for 3 images also pieces of one image's grid, relabelling by look-up table)
     change nothing: every grid entry equals the mean over images of the plain post-processor + metrics called
@@ -277,7 +277,11 @@ def test_tuning_grid_equals_a_plain_loop_over_every_setting(mode, workers):
     else:
         grid = {"h": [0.5, 2.0], "smooth": [0.5, 1.0], "threshold": [0.4, 0.6], "min_size": [10, 60]}
     task, samples = tuner_task(pp, images, heads)
+    caplog.set_level("INFO", logger="histoseg.inference.tuning")
     best, table = tune_postprocess(task, samples, "aji_pq", grid, workers=workers)
+    # progress is logged; with 5 workers for 3 images each image's grid is cut in two
+    done = 6 if workers == 5 else 3
+    assert f"tuning post-processing: {done}/{done} images (or grid pieces) scored" in caplog.text
     expected = plain_grid(pp, grid, images, heads)
     assert table == expected
     assert len({r["aji_pq"] for r in table}) > 1  # the grid is not degenerate

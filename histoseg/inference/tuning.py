@@ -103,11 +103,11 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
         _JOB = job
         try:
             with multiprocessing.get_context("fork").Pool(min(n_proc, len(tasks))) as pool:
-                parts = pool.map(_score_task, tasks, chunksize=1)
+                parts = _logged(pool.imap(_score_task, tasks, chunksize=1), len(tasks), t0)
         finally:
             _JOB = None
     else:
-        parts = [_grid_scores(job, *t) for t in tasks]
+        parts = _logged((_grid_scores(job, *t) for t in tasks), len(tasks), t0)
     per_image = [[] for _ in samples]
     for (i, _, _), part in zip(tasks, parts):
         per_image[i].extend(part)
@@ -137,6 +137,17 @@ def _n_workers(workers, work: float) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, min(cores, 16))
     return max(1, int(workers))
+
+
+def _logged(results, n: int, t0: float) -> list:
+    """Collect ``results`` in order, logging progress (a grid on large validation images takes minutes)."""
+    out, last = [], time.perf_counter()
+    for k, r in enumerate(results, start=1):
+        out.append(r)
+        if time.perf_counter() - last > 10 or k == n:
+            last = time.perf_counter()
+            log.info("tuning post-processing: %d/%d images (or grid pieces) scored, %.0f s", k, n, last - t0)
+    return out
 
 
 def _grid_scores(job, i: int, first: int, last: int) -> list[float]:
