@@ -288,6 +288,28 @@ def test_tuning_grid_equals_a_plain_loop_over_every_setting(mode, workers, caplo
     assert best == {k: max(expected, key=lambda r: r["aji_pq"])[k] for k in sorted(grid)}
 
 
+@pytest.mark.parametrize("mode", ["watershed", "markers"])
+def test_dice_tuning_equals_the_full_post_processing(mode):
+    """The Dice objective skips the instance stage where the class map does not depend on it (watershed); the
+    scores still equal the Dice of the full post-processor's class map (markers redraws it from instances)."""
+    from benchmarks.tuning import simulated_maps, tuner_task
+    from histoseg.inference.tuning import tune_postprocess
+    from histoseg.metrics.pixel import image_scores
+
+    images = [(inst, simulated_maps(inst, s)) for s, inst in enumerate(_touching_discs(s) for s in range(2))]
+    heads = mode == "markers"
+    pp = PostProcessor(instances=mode, marker_source="interior_distance", fill_holes=True)
+    grid = {"threshold": [0.3, 0.5, 0.7], "min_size": [0, 60]}
+    task, samples = tuner_task(pp, images, heads)
+    _, table = tune_postprocess(task, samples, "dice", grid, workers=1)
+    for row in table:
+        cand = pp.with_params(min_size=row["min_size"], threshold=row["threshold"])
+        full = [image_scores(cand(maps if heads else maps["binary"])["labels"], (inst > 0).astype(np.uint8), 2)["dice"]
+                for inst, maps in images]
+        assert row["dice"] == pytest.approx(float(np.mean(full)), abs=1e-12)
+    assert len({r["dice"] for r in table}) > 1
+
+
 def test_relabelling_matches_np_unique_for_any_ids():
     from histoseg.metrics.instance import remap_label
 
