@@ -80,10 +80,9 @@ def device_name(device: torch.device) -> str:
 
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from histoseg.utils.machine import available_cores
+
+    return available_cores()
 
 
 def result_name(device: torch.device) -> str:

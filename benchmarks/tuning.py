@@ -15,14 +15,13 @@ with the ``aji_pq`` objective:
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.common import Options, module_main, progress
+from benchmarks.common import Options, cpu_count, module_main, progress
 
 FULL = dict(n_images=4, crop=512, modes=["watershed", "markers"])
 QUICK = dict(n_images=2, crop=64, modes=["watershed", "markers"])
@@ -117,9 +116,8 @@ def run(opts: Options) -> dict:
             "speedup_auto": round(plain_s / times["auto"], 2),
             "tables_equal": plain == tables[1] == tables["auto"],
         })
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "settings": {**s, "images": "MoNuSeg official train images with instance maps (first n, sorted), top-left crop", "cores": cores},
+        "settings": {**s, "images": "MoNuSeg official train images with instance maps (first n, sorted), top-left crop", "cores": cpu_count()},
         "rows": rows,
         "notes": "seconds to score the default grid (aji_pq objective) on the images; speedup = plain / tuner; "
                  "tables_equal: identical scores for every setting",

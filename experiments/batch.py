@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histoseg.data.io import atomic_write_text
+from histoseg.utils.machine import available_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 15
 
@@ -59,21 +62,26 @@ def log_tail(path: Path, n: int = TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def _stop(job: Job, grace_s: float) -> None:
-    """SIGTERM the job's process group (the trainer and its loader workers), SIGKILL what outlives grace_s."""
+def _signal(job: Job, sig: int) -> None:
     try:
-        os.killpg(job.proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        job.proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(job.proc.pid, signal.SIGKILL)
+        os.killpg(job.proc.pid, sig)  # the whole group: the trainer and its data-loader workers
     except ProcessLookupError:
         pass
-    job.proc.wait()
+
+
+def _stop_all(jobs: list[Job], grace_s: float) -> None:
+    """SIGTERM every job's process group at once, then SIGKILL what outlives one shared grace period."""
+    for job in jobs:
+        _signal(job, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for job in jobs:
+        try:
+            job.proc.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for job in jobs:
+        _signal(job, signal.SIGKILL)
+        job.proc.wait()
 
 
 def run_jobs(jobs: list[Job], parallel: int = 1, deadline_s: float | None = None, env: dict | None = None,
@@ -86,8 +94,8 @@ def run_jobs(jobs: list[Job], parallel: int = 1, deadline_s: float | None = None
     while pending or running:
         now = time.monotonic()
         if deadline_s is not None and now - t0 >= deadline_s:
+            _stop_all(running, grace_s)
             for job in running:
-                _stop(job, grace_s)
                 job.status, job.returncode = "timeout", job.proc.returncode
                 job.wall_s = round(time.monotonic() - job.started, 1)
                 echo(f"[batch] {job.name}: stopped at the {deadline_s:.0f} s deadline after {job.wall_s:.0f} s")
@@ -159,12 +167,6 @@ def make_jobs(experiments: list[str], seeds: list[int], root: Path, overrides: l
     return jobs
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiments", nargs="+", help="preset names under conf/experiment/")
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
         return 0
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.parallel))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // a.parallel))
     env.setdefault("PYTHONUNBUFFERED", "1")
     t0, started_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     summary = {"started": started_at, "wall_s": round(time.monotonic() - t0, 1), "parallel": a.parallel,
                "deadline_s": a.deadline_s, "overrides": a.overrides, "omp_num_threads": env["OMP_NUM_THREADS"],
                "jobs": [j.record(t0) for j in jobs]}
-    write_json_atomic(root / "batch.json", summary)
+    atomic_write_text(root / "batch.json", json.dumps(summary, indent=1) + "\n")
     print(f"\n{'job':40s} {'status':12s} {'wall_s':>8s}  test metrics")
     for j in jobs:
         shown = ", ".join(f"{k}={j.metrics[k]:.3f}" for k in ("dice", "aji", "pq", "psnr") if k in j.metrics)

@@ -77,27 +77,28 @@ def test_a_failing_job_is_reported_with_its_log_and_fails_the_batch(tmp_path, ca
     assert str(root / "broken" / "seed_0.log") in printed and "no_such_model" in printed
 
 
-def test_deadline_stops_the_running_job_with_its_children_and_skips_the_rest(tmp_path):
-    pidfile = tmp_path / "child.pid"
-    # a job that starts a child (as a data-loader worker would) and then outlives any sane deadline
+def test_deadline_stops_the_running_jobs_with_their_children_and_skips_the_rest(tmp_path):
+    # jobs that start a child (as a data-loader worker would) and then outlive any sane deadline; the two
+    # running ones are stopped together (one shared grace period), the third never starts
     code = ("import subprocess, sys, time; "
             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-            f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(600)")
-    jobs = [batch.Job(name=f"sleep{i}", cmd=[sys.executable, "-c", code], log=tmp_path / f"sleep{i}.log")
-            for i in range(2)]
+            "open({pidfile!r}, 'w').write(str(c.pid)); time.sleep(600)")
+    jobs = [batch.Job(name=f"sleep{i}", cmd=[sys.executable, "-c", code.format(pidfile=str(tmp_path / f"child{i}.pid"))],
+                      log=tmp_path / f"sleep{i}.log") for i in range(3)]
     lines = []
-    batch.run_jobs(jobs, parallel=1, deadline_s=3, poll_s=0.1, grace_s=2, echo=lines.append)
-    assert [j.status for j in jobs] == ["timeout", "not_started"]
-    assert jobs[0].returncode is not None and jobs[1].proc is None
-    child = int(pidfile.read_text())
-    for _ in range(50):  # the grandchild was in the job's process group: it is gone too
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"child process {child} outlived the deadline")
+    batch.run_jobs(jobs, parallel=2, deadline_s=3, poll_s=0.1, grace_s=2, echo=lines.append)
+    assert [j.status for j in jobs] == ["timeout", "timeout", "not_started"]
+    assert jobs[0].returncode is not None and jobs[1].returncode is not None and jobs[2].proc is None
+    for i in range(2):
+        child = int((tmp_path / f"child{i}.pid").read_text())
+        for _ in range(50):  # the grandchild was in the job's process group: it is gone too
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"child process {child} outlived the deadline")
     assert any("deadline" in line for line in lines)
 
 

@@ -23,6 +23,7 @@ from histoseg.data.io import publish
 from histoseg.inference.postprocess import StageCache
 from histoseg.metrics.instance import aji, aji_plus, pairwise_overlap, panoptic_quality
 from histoseg.metrics.pixel import image_scores
+from histoseg.utils.machine import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,9 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
     per_image = [[] for _ in samples]
     for (i, _, _), part in zip(tasks, parts):
         per_image[i].extend(part)
-    # mean over images in sample order, as one loop over candidates would give
-    scored = {tuple(dict(zip(order, values))[k] for k in keys): float(np.mean([img[j] for img in per_image]))
+    # mean over images in sample order, as one loop over candidates would give; keyed in sorted-key order
+    perm = [order.index(k) for k in keys]
+    scored = {tuple(values[p] for p in perm): float(np.mean([img[j] for img in per_image]))
               for j, values in enumerate(combos)}
     # the table (and so the first best on ties) in the grid's sorted-key order, whatever the computing order
     table = [{**dict(zip(keys, values)), objective: scored[values]}
@@ -134,8 +136,7 @@ def _n_workers(workers, work: float) -> int:
     if workers == "auto":
         if work < PARALLEL_MIN_WORK:
             return 1
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(cores, 16))
+        return max(1, min(available_cores(), 16))
     return max(1, int(workers))
 
 
@@ -163,8 +164,6 @@ def _grid_scores(job, i: int, first: int, last: int) -> list[float]:
 
 
 def _score_task(task: tuple[int, int, int]) -> list[float]:
-    import torch
-
     torch.set_num_threads(1)  # one core per worker (the Dice objective's stat scores use torch)
     return _grid_scores(_JOB, *task)
 
