@@ -249,7 +249,7 @@ def test_epithelium_single_image_refuses_when_regions_are_disabled(tmp_path):
 
 def test_exact_discs_are_centred_on_sub_pixel_points_and_opencv_on_rounded_ones():
     """BreCaHAD points come at half-pixel precision: exact discs keep it, the seed's cv2.circle rounds it."""
-    from histoseg.data.readers.brecahad import draw_discs
+    from histoseg.data.readers.common import draw_discs
 
     r = 16.0
     for x, y in ((40.5, 30.5), (40.25, 30.75), (41.0, 29.0)):

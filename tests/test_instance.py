@@ -288,22 +288,33 @@ def test_tuning_grid_equals_a_plain_loop_over_every_setting(mode, workers, caplo
     assert best == {k: max(expected, key=lambda r: r["aji_pq"])[k] for k in sorted(grid)}
 
 
-@pytest.mark.parametrize("mode", ["watershed", "markers"])
+@pytest.mark.parametrize("mode", ["watershed", "markers", "watershed+disc"])
 def test_dice_tuning_equals_the_full_post_processing(mode):
-    """The Dice objective skips the instance stage where the class map does not depend on it (watershed); the
-    scores still equal the Dice of the full post-processor's class map (markers redraws it from instances)."""
+    """The Dice objective skips the instance stage where the class map does not depend on it (watershed with
+    ``render=mask``); the scores still equal the Dice of the full post-processor's class map (markers, and
+    ``render=disc``, redraw it from the instances)."""
     from benchmarks.tuning import simulated_maps, tuner_task
     from histoseg.inference.tuning import tune_postprocess
     from histoseg.metrics.pixel import image_scores
 
     images = [(inst, simulated_maps(inst, s)) for s, inst in enumerate(_touching_discs(s) for s in range(2))]
     heads = mode == "markers"
-    pp = PostProcessor(instances=mode, marker_source="interior_distance", fill_holes=True)
+    pp = PostProcessor(instances=mode.split("+")[0], marker_source="interior_distance", fill_holes=True,
+                       disc_radius=8)
     grid = {"threshold": [0.3, 0.5, 0.7], "min_size": [0, 60]}
+    if mode.endswith("disc"):
+        grid["render"] = ["mask", "disc"]
     task, samples = tuner_task(pp, images, heads)
     _, table = tune_postprocess(task, samples, "dice", grid, workers=1)
+    if mode.endswith("disc"):  # the rendered discs differ from the masks, and splitting touching nuclei matters
+        by = {(r["threshold"], r["min_size"], r["render"]): r["dice"] for r in table}
+        assert any(by[t, m, "disc"] != by[t, m, "mask"] for t in grid["threshold"] for m in grid["min_size"])
+        unsplit = pp.with_params(instances="connected", render="disc", threshold=0.5, min_size=0)
+        split = pp.with_params(render="disc", threshold=0.5, min_size=0)
+        maps0 = images[0][1]["binary"]
+        assert not np.array_equal(unsplit(maps0)["labels"], split(maps0)["labels"])
     for row in table:
-        cand = pp.with_params(min_size=row["min_size"], threshold=row["threshold"])
+        cand = pp.with_params(**{k: row[k] for k in grid})
         full = [image_scores(cand(maps if heads else maps["binary"])["labels"], (inst > 0).astype(np.uint8), 2)["dice"]
                 for inst, maps in images]
         assert row["dice"] == pytest.approx(float(np.mean(full)), abs=1e-12)
@@ -327,3 +338,46 @@ def test_relabelling_matches_np_unique_for_any_ids():
     for inst in cases:
         got = remap_label(inst)
         assert got.dtype == np.int32 and np.array_equal(got, reference(inst)), inst.dtype
+
+
+def test_disc_rendering_redraws_each_nucleus_as_the_annotation_disc():
+    """``render=disc``: irregular predicted blobs (a square, an ellipse, a ring-shaped blob) with the same centroids
+    as ground-truth discs drawn at integer points become exactly those discs, in each blob's majority class; a
+    class that is not a nucleus class stays; pixel Dice goes from < 1 to 1."""
+    from histoseg.data.readers.common import draw_discs
+    from histoseg.inference.postprocess import render_discs
+    from histoseg.metrics.pixel import image_scores
+
+    shape, r = (80, 100), 7
+    gt, gt_inst = draw_discs(shape, [(1, np.array([[20.0, 20.0], [70.0, 25.0]])), (2, np.array([[45.0, 60.0]]))], r)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.uint8)
+    labels[14:27, 14:27] = 1  # a square centred on (20, 20)
+    labels[((xx - 70) / 10.0) ** 2 + ((yy - 25) / 5.0) ** 2 <= 1] = 1  # an ellipse centred on (70, 25)
+    blob = ((xx - 45) ** 2 + (yy - 60) ** 2 <= 81) & ((xx - 45) ** 2 + (yy - 60) ** 2 > 4)  # a ring: hole inside
+    labels[blob] = 2
+    labels[blob & (xx < 42)] = 1  # a minority of the ring is class 1: the disc takes class 2
+    inst, _ = ndi.label(labels > 0)
+    out, out_inst = render_discs(labels, inst, r)
+    np.testing.assert_array_equal(out, gt)
+    assert out_inst.max() == 3 and np.array_equal(out_inst > 0, gt_inst > 0)
+    assert image_scores(labels, gt, 3)["dice"] < 0.9 and image_scores(out, gt, 3)["dice"] == pytest.approx(1.0)
+    # class 3 is not a nucleus class: kept as it is, where no disc covers it
+    other = labels.copy()
+    other[0:5, 90:100] = 3
+    kept, _ = render_discs(other, ndi.label(np.isin(other, [1, 2]))[0], r, nuclei_classes=[1, 2])
+    assert (kept[0:5, 90:100] == 3).all() and np.array_equal(kept == 3, other == 3)
+    # through the PostProcessor (binary probabilities; connected components when instances=none)
+    probs = np.where(labels > 0, 0.9, 0.1)[None]
+    for mode in ("none", "connected"):
+        res = PostProcessor(instances=mode, render="disc", disc_radius=r)(probs)
+        np.testing.assert_array_equal(res["labels"], (gt > 0).astype(np.uint8))
+        assert (res["instances"] is None) == (mode == "none")
+    empty = PostProcessor(instances="watershed", render="disc", disc_radius=r)(np.zeros((1, 20, 20)))
+    assert not empty["labels"].any() and not empty["instances"].any()
+    with pytest.raises(ValueError, match="disc_radius"):
+        PostProcessor(render="disc")
+    with pytest.raises(ValueError, match="render must be"):
+        PostProcessor(render="circle", disc_radius=3)
+    pp = PostProcessor(render="disc", disc_radius=5)
+    assert PostProcessor(**pp.config()).config() == pp.config()  # stored in checkpoints as its config

@@ -174,6 +174,11 @@ class PostProcessor:
         h / smooth: watershed marker h-maxima height (pixels of distance) and smoothing sigma.
         nuclei_classes: classes that count as nuclei for instances (default: every foreground class).
         marker_source / marker_threshold / min_marker_size: settings of ``markers`` mode.
+        render: ``mask`` (the cleaned class map as is) or ``disc``: each nucleus instance (connected components
+            when ``instances`` is ``none``) is redrawn as a filled disc of ``disc_radius`` pixels at its
+            centroid, in its majority class (:func:`render_discs`). For data whose ground truth is discs drawn at
+            annotated points (BreCaHAD): the prediction then has the annotation's shape. Shape morphometry of
+            rendered discs is meaningless (every nucleus is the same disc); counts and positions stay.
 
     Called with either a ``(K,H,W)`` probability array (single-head models) or a dict of maps from
     ``SegmentationTask.predict_maps`` (``fg``, ``probs``, ``interior``, ``dist``, ``hv``).
@@ -192,9 +197,17 @@ class PostProcessor:
         marker_source: str = "interior",
         marker_threshold: float = 0.5,
         min_marker_size: int = 5,
+        render: str = "mask",
+        disc_radius: float | None = None,
     ):
         if instances not in ("none", "connected", "watershed", "markers"):
             raise ValueError(f"instances must be none, connected, watershed or markers, got {instances!r}")
+        if render not in ("mask", "disc"):
+            raise ValueError(f"render must be mask or disc, got {render!r}")
+        if render == "disc" and not (disc_radius is not None and float(disc_radius) > 0):
+            raise ValueError(f"render=disc needs a positive disc_radius (pixels), got {disc_radius!r}")
+        self.render = render
+        self.disc_radius = None if disc_radius is None else float(disc_radius)
         self.marker_source, self.marker_threshold = marker_source, float(marker_threshold)
         self.min_marker_size = int(min_marker_size)
         self.threshold, self.opening_radius, self.fill_holes = float(threshold), int(opening_radius), bool(fill_holes)
@@ -207,6 +220,7 @@ class PostProcessor:
             "min_size": self.min_size, "instances": self.instances, "h": self.h, "smooth": self.smooth,
             "nuclei_classes": self.nuclei_classes, "marker_source": self.marker_source,
             "marker_threshold": self.marker_threshold, "min_marker_size": self.min_marker_size,
+            "render": self.render, "disc_radius": self.disc_radius,
         }
 
     def __call__(self, maps: np.ndarray | dict, cache: StageCache | None = None) -> dict[str, np.ndarray | None]:
@@ -219,8 +233,8 @@ class PostProcessor:
         labels = _stage(cache, "labels", label_key, lambda: clean_class_map(
             to_class_map(src, self.threshold), self.opening_radius, self.fill_holes, self.min_size))
         inst = None
+        fg = labels > 0 if self.nuclei_classes is None else np.isin(labels, self.nuclei_classes)
         if self.instances != "none":
-            fg = labels > 0 if self.nuclei_classes is None else np.isin(labels, self.nuclei_classes)
             if self.instances == "connected":
                 inst = ndi.label(fg)[0].astype(np.int32)
             elif self.instances == "watershed":
@@ -235,11 +249,51 @@ class PostProcessor:
                 if self.fill_holes:
                     inst = fill_instance_holes(inst)
                 labels = (inst > 0).astype(np.uint8) if "fg" in maps else labels
+        if self.render == "disc":
+            nuclei = inst if inst is not None else ndi.label(fg)[0].astype(np.int32)
+            labels, discs = render_discs(labels, nuclei, self.disc_radius, self.nuclei_classes)
+            inst = discs if inst is not None else None
         return {"labels": labels, "instances": inst}
 
     def with_params(self, **params) -> PostProcessor:
         """A copy with some settings replaced (used by threshold tuning)."""
         return PostProcessor(**{**self.config(), **params})
+
+
+def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
+                 nuclei_classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Redraw every instance of ``inst`` as a filled disc of ``radius`` pixels centred at its centroid.
+
+    The discs are rasterised as the BreCaHAD reader draws its ground truth (``draw_discs``, ``exact``: pixel
+    centres within ``radius`` of the sub-pixel centroid; where discs overlap the later instance wins). Each
+    disc takes the class that covers most of its instance in ``labels``. Nucleus pixels (``nuclei_classes``,
+    default every foreground class) outside the discs become background; other classes stay.
+
+    Returns ``(labels, instances)``, instances numbered 1..n in ``inst``'s id order (ids hidden by overlap vanish).
+    """
+    from histoseg.data.readers.common import draw_discs
+
+    labels = np.asarray(labels)
+    inst = np.asarray(inst)
+    nuclei = labels > 0 if nuclei_classes is None else np.isin(labels, nuclei_classes)
+    out = np.where(nuclei, 0, labels).astype(labels.dtype)
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    if not ids.size:
+        return out, np.zeros(inst.shape, np.int32)
+    centres = np.asarray(ndi.center_of_mass(np.ones(inst.shape, np.float64), inst, ids), np.float64)  # (n, 2) yx
+    # majority class per instance: pixel counts of each class over each instance's pixels
+    classes = np.unique(labels[inst > 0])
+    classes = classes[classes > 0]
+    if classes.size == 0:
+        classes = np.array([1])
+    counts = np.stack([ndi.sum(labels == k, inst, ids) for k in classes], axis=1)
+    major = classes[np.argmax(counts, axis=1)]
+    # one (class, xy) pair per instance, in id order, so overlaps resolve by id as the reader's drawing order does
+    discs, disc_inst = draw_discs(inst.shape, [(int(k), c[::-1][None]) for k, c in zip(major, centres)], radius)
+    drawn = disc_inst > 0
+    out[drawn] = discs[drawn]
+    return out, disc_inst
 
 
 def fill_instance_holes(inst: np.ndarray) -> np.ndarray:

@@ -154,13 +154,18 @@ def _logged(results, n: int, t0: float) -> list:
 def _grid_scores(job, i: int, first: int, last: int) -> list[float]:
     """Image ``i``'s objective for grid settings ``combos[first:last]`` (one StageCache for them)."""
     pp, order, combos, objective, num_classes, truths, maps = job
-    if objective not in NEEDS_INSTANCES and pp.instances != "markers":
-        # the class map is final before the instance stage in these modes (``markers`` alone redraws it from
-        # the instances): an objective on the class map (dice) needs no watershed
-        pp = pp.with_params(instances="none")
     score_fn, cache = OBJECTIVES[objective], StageCache()
-    return [float(score_fn(truths[i], pp.with_params(**dict(zip(order, v)))(maps[i], cache=cache), num_classes))
-            for v in combos[first:last]]
+    return [float(score_fn(truths[i], _skip_unused_stages(pp.with_params(**dict(zip(order, v))), objective)(
+        maps[i], cache=cache), num_classes)) for v in combos[first:last]]
+
+
+def _skip_unused_stages(pp, objective: str):
+    """The same scores, less work: an objective on the class map (dice) needs no watershed when the class map
+    is final before the instance stage (not in ``markers`` mode, which redraws it from the instances, nor with
+    ``render=disc``, which redraws it from them too)."""
+    if objective not in NEEDS_INSTANCES and pp.instances != "markers" and pp.render == "mask":
+        return pp.with_params(instances="none")
+    return pp
 
 
 def _score_task(task: tuple[int, int, int]) -> list[float]:

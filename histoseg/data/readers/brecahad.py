@@ -36,7 +36,7 @@ import numpy as np
 
 from histoseg.data.io import DataError, read_image
 from histoseg.data.readers.base import Reader, register_reader
-from histoseg.data.readers.common import IMAGE_EXTS, image_shape, list_files, relabel_sequential, require_dir
+from histoseg.data.readers.common import IMAGE_EXTS, draw_discs, image_shape, list_files, require_dir
 from histoseg.data.sample import Sample
 
 UPSTREAM_CLASSES = ("mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
@@ -82,42 +82,6 @@ def to_pixels(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Normalised ``(x, y)`` -> pixel-centre coordinates ``(x * W, y * H)`` (float, no rounding)."""
     h, w = shape
     return np.asarray(points, np.float64) * np.array([w, h], np.float64)
-
-
-def draw_discs(
-    shape: tuple[int, int], centres: list[tuple[int, np.ndarray]], radius: float, method: str = "exact"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rasterise discs: ``centres`` is a list of ``(class value, (N, 2) pixel xy)`` in drawing order.
-
-    Returns ``(mask uint8, instances int32)``; later discs overwrite earlier ones. ``method='exact'``
-    fills the pixels whose centre lies within ``radius`` of the (sub-pixel) point; ``'opencv'`` reproduces
-    the seed's ``cv2.circle(..., thickness=-1)`` at the centre rounded to a whole pixel (so up to half a
-    pixel off the annotated point).
-    """
-    h, w = shape
-    mask = np.zeros((h, w), np.uint8)
-    inst = np.zeros((h, w), np.int32)
-    r = float(radius)
-    n = 0
-    for value, xy in centres:
-        for x, y in np.asarray(xy, np.float64).reshape(-1, 2):
-            n += 1
-            if method == "opencv":
-                c = (int(round(x)), int(round(y)))
-                cv2.circle(mask, c, int(round(r)), int(value), thickness=-1)
-                cv2.circle(inst, c, int(round(r)), n, thickness=-1)
-                continue
-            if method != "exact":
-                raise ValueError(f"disc method must be 'exact' or 'opencv', got {method!r}")
-            y0, y1 = max(int(np.ceil(y - r)), 0), min(int(np.floor(y + r)), h - 1)
-            x0, x1 = max(int(np.ceil(x - r)), 0), min(int(np.floor(x + r)), w - 1)
-            if y0 > y1 or x0 > x1:
-                continue
-            yy, xx = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
-            inside = (xx - x) ** 2 + (yy - y) ** 2 <= r * r
-            mask[y0 : y1 + 1, x0 : x1 + 1][inside] = value
-            inst[y0 : y1 + 1, x0 : x1 + 1][inside] = n
-    return mask, relabel_sequential(inst)
 
 
 @register_reader("brecahad")

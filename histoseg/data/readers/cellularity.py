@@ -340,7 +340,7 @@ def cellularity_labels(
     apoptosis: str = "non_tumour", method: str = "exact",
 ) -> np.ndarray:
     """The 4-class map of one image from BreCaHAD pixel points (see the module docstring for the rules)."""
-    from histoseg.data.readers.brecahad import draw_discs
+    from histoseg.data.readers.common import draw_discs
 
     tumour = [points["tumor"], points["mitosis"]]
     non_tumour = [points["non_tumor"]]
