@@ -246,6 +246,10 @@ def test_tuning_for_dice_scores_the_post_processed_mask_and_needs_no_instances()
     assert scores[0.5] == pytest.approx(image_scores(low, sample.mask, 2)["dice"])
     with pytest.raises(ValueError, match="instance maps"):
         tune_postprocess(task, [sample], "aji", {"threshold": [0.5]})
+    # an invalid setting is named before any prediction is made (render=disc without a radius)
+    task.predict_maps = lambda image: pytest.fail("predicted before checking the grid")
+    with pytest.raises(ValueError, match=r"tuning grid: setting \{'render': 'disc'.*disc_radius"):
+        tune_postprocess(task, [sample], "dice", {"render": ["mask", "disc"]})
 
 
 def _touching_discs(seed: int, size: int = 96) -> np.ndarray:

@@ -83,10 +83,16 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
     grid = dict(grid or DEFAULT_GRIDS.get(pp.instances, {}))
     if not grid:
         return {}, []
+    keys = sorted(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):  # a bad setting fails here, before any prediction
+        try:
+            pp.with_params(**dict(zip(keys, values)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"post-processing tuning grid: setting {dict(zip(keys, values))} on top of "
+                             f"{pp.config()} is invalid: {e}") from e
     t0 = time.perf_counter()
     maps = [task.predict_maps(s.image) for s in samples]
     maps = [m if task.heads else m["probs"] for m in maps]
-    keys = sorted(grid)
     order = sorted(keys, key=lambda k: (STAGE_ORDER.index(k) if k in STAGE_ORDER else len(STAGE_ORDER), k))
     combos = list(itertools.product(*(grid[k] for k in order)))
     # what the objectives read of a sample (not its image): cheap to hand to worker processes
