@@ -50,3 +50,19 @@ def test_data_root_follows_env(monkeypatch, make_cfg, tmp_path):
 def test_checkpoint_monitor_is_the_optimized_metric(make_cfg):
     cfg = make_cfg()
     assert cfg.callbacks.model_checkpoint.monitor == cfg.monitor == cfg.optimized_metric
+
+
+@pytest.mark.parametrize("name", ["eval", "predict"])
+def test_every_post_processing_setting_can_be_overridden_at_eval_and_predict(name):
+    """``postprocess.*`` of histoseg-eval / histoseg-predict lists every PostProcessor setting (null keeps the one
+    stored in the checkpoint), so none needs a ``+`` to override."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from histoseg.inference.postprocess import PostProcessor
+
+    block = OmegaConf.load(f"{conf_dir()}/{name}.yaml").postprocess
+    params = set(inspect.signature(PostProcessor).parameters)
+    assert set(block) == params and set(PostProcessor().config()) == params
+    assert all(v is None for v in block.values())
