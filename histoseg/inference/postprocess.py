@@ -233,8 +233,8 @@ class PostProcessor:
         labels = _stage(cache, "labels", label_key, lambda: clean_class_map(
             to_class_map(src, self.threshold), self.opening_radius, self.fill_holes, self.min_size))
         inst = None
-        fg = labels > 0 if self.nuclei_classes is None else np.isin(labels, self.nuclei_classes)
         if self.instances != "none":
+            fg = nucleus_pixels(labels, self.nuclei_classes)
             if self.instances == "connected":
                 inst = ndi.label(fg)[0].astype(np.int32)
             elif self.instances == "watershed":
@@ -250,7 +250,7 @@ class PostProcessor:
                     inst = fill_instance_holes(inst)
                 labels = (inst > 0).astype(np.uint8) if "fg" in maps else labels
         if self.render == "disc":
-            nuclei = inst if inst is not None else ndi.label(fg)[0].astype(np.int32)
+            nuclei = inst if inst is not None else ndi.label(nucleus_pixels(labels, self.nuclei_classes))[0].astype(np.int32)
             labels, discs = render_discs(labels, nuclei, self.disc_radius, self.nuclei_classes)
             inst = discs if inst is not None else None
         return {"labels": labels, "instances": inst}
@@ -258,6 +258,11 @@ class PostProcessor:
     def with_params(self, **params) -> PostProcessor:
         """A copy with some settings replaced (used by threshold tuning)."""
         return PostProcessor(**{**self.config(), **params})
+
+
+def nucleus_pixels(labels: np.ndarray, nuclei_classes: list[int] | None = None) -> np.ndarray:
+    """The pixels of a class map that count as nuclei: ``nuclei_classes``, default every foreground class."""
+    return labels > 0 if nuclei_classes is None else np.isin(labels, nuclei_classes)
 
 
 def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
@@ -275,8 +280,7 @@ def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
 
     labels = np.asarray(labels)
     inst = np.asarray(inst)
-    nuclei = labels > 0 if nuclei_classes is None else np.isin(labels, nuclei_classes)
-    out = np.where(nuclei, 0, labels).astype(labels.dtype)
+    out = np.where(nucleus_pixels(labels, nuclei_classes), 0, labels).astype(labels.dtype)
     ids = np.unique(inst)
     ids = ids[ids > 0]
     if not ids.size:
