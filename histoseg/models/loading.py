@@ -23,14 +23,37 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_task(path: str | Path, device: str | torch.device = "cpu", **overrides):
+WEIGHTS = ("averaged", "raw")
+
+
+def checkpoint_weights(ckpt: dict, path: str | Path, weights: str = "averaged") -> dict:
+    """The model ``state_dict`` to restore from a checkpoint.
+
+    ``averaged`` is the checkpoint's ``state_dict``: the running average for runs trained with weight averaging
+    (``callbacks=ema``), else simply the trained weights. ``raw`` is the optimiser's own weights, which
+    Lightning's ``WeightAveraging`` keeps under ``current_model_state`` (to compare the two from one run).
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "raw":
+        if "current_model_state" not in ckpt:
+            raise DataError(f"{path}: has no raw weights (current_model_state): it was not trained with weight "
+                            "averaging (callbacks=ema), so its weights are the raw ones; use weights=averaged")
+        return ckpt["current_model_state"]
+    return ckpt["state_dict"]
+
+
+def load_task(path: str | Path, device: str | torch.device = "cpu", weights: str = "averaged", **overrides):
     """The LightningModule stored in a checkpoint, in eval mode, with its inference and post-processing
-    settings (``overrides`` replace constructor arguments, e.g. ``inference={...}``)."""
-    return task_from_checkpoint(load_checkpoint(path), path, device, **overrides)
+    settings (``overrides`` replace constructor arguments, e.g. ``inference={...}``); ``weights`` as in
+    :func:`checkpoint_weights`."""
+    return task_from_checkpoint(load_checkpoint(path), path, device, weights=weights, **overrides)
 
 
-def task_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device = "cpu", **overrides):
+def task_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.device = "cpu", weights: str = "averaged",
+                         **overrides):
     """:func:`load_task` for a checkpoint already read by :func:`load_checkpoint` (``path`` names it in errors)."""
+    state = checkpoint_weights(ckpt, path, weights)
     meta = ckpt["histoseg"]
     cfg = dict(meta["model_config"])
     kwargs = {"inference": meta.get("inference")}
@@ -40,7 +63,7 @@ def task_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.devic
         kwargs["postprocess"] = PostProcessor(**meta["postprocess"])
     kwargs.update(overrides)
     task = hydra.utils.instantiate(cfg, **{k: v for k, v in kwargs.items() if v is not None})
-    missing, unexpected = task.load_state_dict(ckpt["state_dict"], strict=False)
+    missing, unexpected = task.load_state_dict(state, strict=False)
     net_missing = [k for k in missing if k.startswith("net.")]
     if net_missing or [k for k in unexpected if k.startswith("net.")]:
         raise DataError(f"{path}: checkpoint weights do not fit the stored model config (missing {net_missing[:3]})")

@@ -237,7 +237,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
             return {"n_images": 0, "n_ok": 0, "n_errors": 0, "errors": []}, {"cfg": cfg, "rows": [], "report": None}
         inputs, names = [inputs[i]], [names[i]]
     slides = [is_slide(p, int(cfg.wsi.min_slide_side)) for p in inputs]
-    task, _ = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, device="cpu")
+    task, _ = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, device="cpu", weights=cfg.get("weights", "averaged"))
     mpp = resolve_mpp(cfg.mpp, task, cfg.ckpt_path) if not all(slides) else None
     if task.num_classes == 4:
         try:

@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from histoseg.inference.postprocess import PostProcessor
-from histoseg.models.loading import load_checkpoint, task_from_checkpoint
+from histoseg.models.loading import WEIGHTS, load_checkpoint, task_from_checkpoint
 from histoseg.tasks.utils import ConfigError
 
 
@@ -33,13 +33,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def restore_task(ckpt_path: str | Path, inference=None, postprocess=None, device: str | torch.device = "cpu",
-                 **extra):
+                 weights: str = "averaged", **extra):
     """Load ``ckpt_path`` safely (``weights_only=True``) and apply overrides.
 
     ``inference`` / ``postprocess`` are override blocks: their non-null keys replace the checkpoint's stored
     settings (e.g. ``inference.tta=d4``, ``postprocess.min_size=30``). ``extra`` goes to the task's
-    constructor (e.g. ``report_dir``). Returns ``(task, checkpoint dict)``.
+    constructor (e.g. ``report_dir``). ``weights``: ``averaged`` (the checkpoint's ``state_dict``) or ``raw``
+    (the optimiser's weights of a run trained with ``callbacks=ema``). Returns ``(task, checkpoint dict)``.
     """
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
     ckpt = load_checkpoint(ckpt_path)
     meta = ckpt["histoseg"]
     inf = {**(meta.get("inference") or {}), **non_null(inference)}
@@ -50,5 +53,5 @@ def restore_task(ckpt_path: str | Path, inference=None, postprocess=None, device
             pp = PostProcessor(**{**(meta.get("postprocess") or {}), **pp_over})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"postprocess: {e}") from None
-    task = task_from_checkpoint(ckpt, ckpt_path, device, inference=inf, postprocess=pp, **extra)
+    task = task_from_checkpoint(ckpt, ckpt_path, device, weights=weights, inference=inf, postprocess=pp, **extra)
     return task, ckpt
