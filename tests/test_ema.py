@@ -89,3 +89,28 @@ def test_raw_weights_of_a_checkpoint_without_averaging_is_a_clear_error(tmp_path
         load_task(best, weights="raw")
     with pytest.raises(ValueError, match=r"weights='ema'; choose one of averaged, raw"):
         load_task(best, weights="ema")
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_update_follows_the_warmed_up_decay(warmup):
+    from torch.optim.swa_utils import AveragedModel
+
+    from histoseg.callbacks.ema import ema_multi_avg_fn
+
+    net = torch.nn.BatchNorm1d(1)  # a float weight and an integer buffer (num_batches_tracked)
+    avg = AveragedModel(net, multi_avg_fn=ema_multi_avg_fn(0.9, warmup), use_buffers=True)
+    expected = None
+    for step in range(40):
+        with torch.no_grad():
+            net.weight.fill_(float(step))
+        net.num_batches_tracked.fill_(step)
+        avg.update_parameters(net)
+        if expected is None:
+            expected = float(step)  # the first update copies
+        else:
+            d = min(0.9, (1 + step) / (10 + step)) if warmup else 0.9  # step = earlier updates
+            expected = d * expected + (1 - d) * step
+        assert float(avg.module.weight.detach()) == pytest.approx(expected, rel=1e-6), step
+        assert int(avg.module.num_batches_tracked) == step
+    # the warm-up forgets the first (untrained) weights much faster than a fixed decay
+    assert (expected > 30) if warmup else (expected < 31)
