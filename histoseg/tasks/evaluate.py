@@ -46,7 +46,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     out = Path(cfg.paths.output_dir)
 
     log.info("Loading checkpoint %s", cfg.ckpt_path)
-    task, ckpt = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, report_dir=str(out), weights=cfg.get("weights", "averaged"))
+    weights = cfg.get("weights", "averaged")
+    task, ckpt = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, report_dir=str(out), weights=weights)
     datamodule = build(cfg.dataset, "dataset")
     if task.num_classes != datamodule.num_classes:
         raise ConfigError(
@@ -59,7 +60,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     save_split(datamodule.split, out / "split.json", {"dataset": datamodule.name, "source": split_from})
     task.report_meta = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()), "dataset": datamodule.name, "split": cfg.split,
-        "split_source": split_from, "weights": cfg.get("weights", "averaged"),
+        "split_source": split_from, "weights": weights,
     }
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
