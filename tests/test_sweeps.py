@@ -177,10 +177,15 @@ def sweep_cmd(tmp_path: Path, n_trials: int) -> list[str]:
             f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.log_dir={tmp_path}"]
 
 
-def test_optuna_sweep_runs_and_a_second_invocation_resumes(tmp_path):
+@pytest.mark.slow  # two train.py sweeps; the second in two joblib (loky) workers that each import torch
+def test_optuna_sweep_resumes_in_a_second_invocation_with_parallel_joblib_trials(tmp_path):
+    """One real sweep through ``train.py`` in two invocations (one subprocess each, to keep the suite short):
+    the first runs 2 trials with the basic launcher; the second asks for 4, finds the 2 in the storage and runs
+    the 2 missing ones side by side in joblib worker processes, leaving the first two jobs' folders untouched."""
     sweep = tmp_path / "sweep"
     r = subprocess.run(sweep_cmd(tmp_path, 2), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Joblib.Parallel" not in r.stdout + r.stderr  # the default launcher: trials in this process
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     study = optuna.load_study(study_name="synthetic_optuna", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
@@ -191,15 +196,21 @@ def test_optuna_sweep_runs_and_a_second_invocation_resumes(tmp_path):
         assert job_cfg["optimizer"]["optimizer"]["lr"] == pytest.approx(t.params["optimizer.optimizer.lr"])
         assert f"loss={t.params['loss']}" in (sweep / str(t.number) / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
 
-    r = subprocess.run(sweep_cmd(tmp_path, 3), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # two trials per batch, each in its own joblib (loky) worker process
+    cmd = [*sweep_cmd(tmp_path, 4), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 finished trial(s), running 1 more" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "2 finished trial(s), running 2 more" in out and "Joblib.Parallel(n_jobs=2" in out
     study = optuna.load_study(study_name="synthetic_optuna", storage=storage)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1", "2"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1", "2", "3"]
     assert {p: (sweep / p / "config.yaml").read_text() for p in ("0", "1")} == first  # earlier jobs untouched
+    for t in study.trials[2:]:  # the parallel jobs, too, ran with their own trial's parameters
+        job_cfg = yaml.safe_load((sweep / str(t.number) / "config.yaml").read_text())
+        assert job_cfg["optimizer"]["optimizer"]["lr"] == pytest.approx(t.params["optimizer.optimizer.lr"])
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert res["n_trials"]["complete"] == 3 and res["best_value"] == pytest.approx(study.best_value)
+    assert res["n_trials"]["complete"] == 4 and res["best_value"] == pytest.approx(study.best_value)
 
 
 def test_slurm_launcher_config_composes_with_its_placeholders():
@@ -219,14 +230,3 @@ def test_slurm_launcher_config_composes_with_its_placeholders():
     assert "partition" in launcher and "account" in launcher  # placeholders for the cluster
     assert launcher.gpus_per_node == launcher.tasks_per_node == 4 and launcher.timeout_min > 0
     assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir.split("${")[0])
-
-
-@pytest.mark.slow  # ~20-40 s on 2 cores: loky workers import torch + lightning once each
-def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path):
-    # two trials per batch, each in its own joblib (loky) worker process
-    cmd = [*sweep_cmd(tmp_path, 2), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr
-    study = optuna.load_study(study_name="synthetic_optuna", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
