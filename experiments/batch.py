@@ -3,7 +3,7 @@
 batch, one log per job, a ``batch.json`` summary, and optionally a tarball of the run folders without checkpoints.
 
     python experiments/batch.py nuclei_instance brecahad_strong --seeds 0 1 2 --parallel 3 \\
-        --root logs/exp/batch --deadline-s 540 --pack runs.tar.gz --set trainer=gpu dataset.num_workers=4 \
+        --root logs/exp/batch --deadline-s 540 --pack runs.tar.gz --set trainer=gpu dataset.num_workers=4 \\
         ++dataset.split.seed=0    # one split for every seed (random splits are otherwise drawn from the seed)
 
 Each job is ``python train.py experiment=<name> seed=<s> hydra.run.dir=<root>/<name>/seed_<s> <--set ...>``,

@@ -177,6 +177,14 @@ def sweep_cmd(tmp_path: Path, n_trials: int) -> list[str]:
             f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.log_dir={tmp_path}"]
 
 
+def assert_jobs_ran_their_trials(sweep: Path, trials) -> None:
+    """Each trial's job folder (named by trial number) ran with that trial's sampled parameters."""
+    for t in trials:
+        job_cfg = yaml.safe_load((sweep / str(t.number) / "config.yaml").read_text())
+        assert job_cfg["optimizer"]["optimizer"]["lr"] == pytest.approx(t.params["optimizer.optimizer.lr"])
+        assert f"loss={t.params['loss']}" in (sweep / str(t.number) / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
+
+
 @pytest.mark.slow  # two train.py sweeps; the second in two joblib (loky) workers that each import torch
 def test_optuna_sweep_resumes_in_a_second_invocation_with_parallel_joblib_trials(tmp_path):
     """One real sweep through ``train.py`` in two invocations (one subprocess each, to keep the suite short):
@@ -191,10 +199,7 @@ def test_optuna_sweep_resumes_in_a_second_invocation_with_parallel_joblib_trials
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
     first = {p: (sweep / p / "config.yaml").read_text() for p in ("0", "1")}
-    for t in study.trials:  # each job ran with its trial's parameters
-        job_cfg = yaml.safe_load(first[str(t.number)])
-        assert job_cfg["optimizer"]["optimizer"]["lr"] == pytest.approx(t.params["optimizer.optimizer.lr"])
-        assert f"loss={t.params['loss']}" in (sweep / str(t.number) / ".hydra" / "overrides.yaml").read_text().replace("- ", "")
+    assert_jobs_ran_their_trials(sweep, study.trials)
 
     # two trials per batch, each in its own joblib (loky) worker process
     cmd = [*sweep_cmd(tmp_path, 4), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
@@ -206,9 +211,7 @@ def test_optuna_sweep_resumes_in_a_second_invocation_with_parallel_joblib_trials
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1", "2", "3"]
     assert {p: (sweep / p / "config.yaml").read_text() for p in ("0", "1")} == first  # earlier jobs untouched
-    for t in study.trials[2:]:  # the parallel jobs, too, ran with their own trial's parameters
-        job_cfg = yaml.safe_load((sweep / str(t.number) / "config.yaml").read_text())
-        assert job_cfg["optimizer"]["optimizer"]["lr"] == pytest.approx(t.params["optimizer.optimizer.lr"])
+    assert_jobs_ran_their_trials(sweep, study.trials[2:])  # the parallel jobs, too
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert res["n_trials"]["complete"] == 4 and res["best_value"] == pytest.approx(study.best_value)
 
