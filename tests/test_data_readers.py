@@ -270,3 +270,19 @@ def test_split_follows_the_seed_unless_its_own_seed_is_fixed(make_cfg, data_dir)
     assert other.resolve_split()["test"] != base["test"] and other.seed == 1
     pinned = datamodule(make_cfg, "nuclei", "seed=1", "++dataset.split.seed=0")
     assert pinned.resolve_split() == base and pinned.seed == 1
+
+
+def test_stratified_val_keeps_the_test_images_and_gives_brightfield_its_share(make_cfg, data_dir):
+    """``split.stratify_val`` (issue 6): DSB2018's validation draw per imaging modality. The test images are
+    those of the plain split; validation holds each modality in its share of the non-test images."""
+    plain = datamodule(make_cfg, "nuclei").resolve_split()
+    dm = datamodule(make_cfg, "nuclei", "dataset.split.stratify_val=true")
+    strat = dm.resolve_split()
+    r = dm.reader
+    assert strat["test"] == plain["test"] and strat["val"] != plain["val"]
+    assert sorted(strat["train"] + strat["val"]) == sorted(plain["train"] + plain["val"])
+    for kind in ("fluorescence", "brightfield_he"):
+        rest = [c for c in strat["train"] + strat["val"] if r.stratum_of(c) == kind]
+        in_val = sum(r.stratum_of(c) == kind for c in strat["val"])
+        assert rest and in_val == round(0.111 * len(rest)), (kind, in_val, len(rest))
+    assert r.stratum_of(plain["test"][0]) in ("fluorescence", "brightfield_he")

@@ -27,6 +27,20 @@ def _take(groups: list[str], frac: float, rng: np.random.Generator) -> tuple[lis
     return sorted(order[:k]), sorted(order[k:])
 
 
+def _strata(reader, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``{stratum: [group, ...]}``: a group's stratum is the most common ``reader.stratum_of`` among its cases
+    (ties: the first in sorted order)."""
+    out: dict[str, list[str]] = {}
+    for g in sorted(groups):
+        votes: dict[str, int] = {}
+        for cid in groups[g]:
+            st = reader.stratum_of(cid)
+            votes[st] = votes.get(st, 0) + 1
+        best = max(sorted(votes), key=votes.__getitem__)
+        out.setdefault(best, []).append(g)
+    return out
+
+
 def make_split(
     reader,
     strategy: str = "official",
@@ -36,6 +50,7 @@ def make_split(
     fold: int | None = None,
     n_folds: int = 5,
     file: str | None = None,
+    stratify_val: bool = False,
 ) -> dict[str, list[str]]:
     """Return ``{"train", "val", "test"}`` case-id lists.
 
@@ -46,6 +61,10 @@ def make_split(
         val_fraction / test_fraction: fractions of *groups*.
         fold: if set, cross-validation over the non-test groups: ``n_folds`` folds, ``fold`` is val.
         file: a split JSON written by an earlier run: used as-is (ids checked against the reader).
+        stratify_val: draw the validation groups (or the folds) per stratum (``reader.stratum_of``, e.g.
+            DSB2018's imaging modality), so validation, and so model selection and post-processing tuning, sees
+            every kind of image in its share. The test draw is unchanged: the same ``seed`` gives the same test
+            images with or without it.
     """
     ids = reader.case_ids()
     if not ids:
@@ -78,15 +97,20 @@ def make_split(
         test = sorted(c for g in test_groups for c in g_all[g])
         rest = [i for i in ids if i not in set(test)]
     g_rest = _groups(reader, rest)
+    strata = _strata(reader, g_rest) if stratify_val else {"": sorted(g_rest)}
     if fold is not None:
         if not 0 <= int(fold) < n_folds:
             raise ValueError(f"fold must be in [0, {n_folds - 1}] for n_folds={n_folds}, got {fold}")
         if len(g_rest) < n_folds:
             raise DataError(f"{reader.name}: {len(g_rest)} groups cannot make {n_folds} folds")
-        order = list(rng.permutation(sorted(g_rest)))
-        val_groups = order[int(fold) :: n_folds]
+        val_groups = []
+        for name in sorted(strata):
+            order = list(rng.permutation(strata[name]))
+            val_groups += order[int(fold) :: n_folds]
     else:
-        val_groups, _ = _take(list(g_rest), val_fraction, rng)
+        val_groups = []
+        for name in sorted(strata):
+            val_groups += _take(strata[name], val_fraction, rng)[0]
     val = sorted(c for g in val_groups for c in g_rest[g])
     train = sorted(i for i in rest if i not in set(val))
     return {"train": train, "val": val, "test": test}

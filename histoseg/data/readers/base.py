@@ -88,6 +88,11 @@ class Reader(ABC):
         """The patient / case a case id belongs to (splits never separate one group). Default: itself."""
         return case_id
 
+    def stratum_of(self, case_id: str) -> str:
+        """The kind of image a case is, for ``split.stratify_val`` (e.g. an imaging modality). Default: one
+        stratum for all; readers whose images mix kinds override it."""
+        return ""
+
     def official_split(self) -> dict[str, list[str]] | None:
         """``{"train": [...], "test": [...]}`` (optionally ``"val"``) if the publisher defines one."""
         return None

@@ -15,7 +15,9 @@
 
 Classes: background / nucleus. Each image is its own split group (the set publishes no patient ids); the
 default split is seeded 80 / 10 / 10 (``split.strategy=random``), ``split.fold=k`` gives k-fold over the
-non-test images.
+non-test images. The set mixes dark-background fluorescence with light-background brightfield / H&E
+(:func:`modality`, the reader's ``stratum_of``): ``split.stratify_val=true`` draws the validation images per
+modality.
 """
 from __future__ import annotations
 
@@ -34,6 +36,16 @@ from histoseg.data.readers.common import (
     require_same_shape,
 )
 from histoseg.data.sample import Sample
+
+
+def modality(rgb: np.ndarray) -> str:
+    """``"fluorescence"`` for a dark grey-scale image (mean intensity < 100 and mean per-pixel saturation,
+    max - min over RGB, < 10), else ``"brightfield_he"`` (light background: brightfield or H&E)."""
+    rgb = np.asarray(rgb, np.float64)
+    if rgb.ndim == 2:
+        rgb = rgb[..., None]
+    dark_grey = rgb.mean() < 100 and (rgb.max(-1) - rgb.min(-1)).mean() < 10
+    return "fluorescence" if dark_grey else "brightfield_he"
 
 
 @register_reader("nuclei")
@@ -57,6 +69,7 @@ class DSB2018Reader(Reader):
         if downloads is not None:
             self.downloads = list(downloads)
         self._idx: dict[str, tuple[Path, Path]] | None = None
+        self._modality: dict[str, str] = {}
 
     # ------------------------------------------------------------------ layouts
     def _layout(self) -> str:
@@ -97,6 +110,12 @@ class DSB2018Reader(Reader):
         if not ids:
             raise DataError(f"{self.require_root()}: no images found (raw/ is empty)")
         return ids
+
+    def stratum_of(self, case_id: str) -> str:
+        """The image's :func:`modality` (read once per reader)."""
+        if case_id not in self._modality:
+            self._modality[case_id] = modality(read_image(self._pair(case_id)[0], "rgb"))
+        return self._modality[case_id]
 
     def source_files(self, case_id: str) -> list[Path]:
         img, mask = self._pair(case_id)
