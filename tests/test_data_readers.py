@@ -272,7 +272,7 @@ def test_split_follows_the_seed_unless_its_own_seed_is_fixed(make_cfg, data_dir)
     assert pinned.resolve_split() == base and pinned.seed == 1
 
 
-def test_stratified_val_keeps_the_test_images_and_gives_brightfield_its_share(make_cfg, data_dir):
+def test_stratified_val_keeps_the_test_images_and_gives_brightfield_its_share(make_cfg, data_dir, tmp_path):
     """``split.stratify_val`` (issue 6): DSB2018's validation draw per imaging modality. The test images are
     those of the plain split; validation holds each modality in its share of the non-test images."""
     plain = datamodule(make_cfg, "nuclei").resolve_split()
@@ -286,3 +286,7 @@ def test_stratified_val_keeps_the_test_images_and_gives_brightfield_its_share(ma
         in_val = sum(r.stratum_of(c) == kind for c in strat["val"])
         assert rest and in_val == round(0.111 * len(rest)), (kind, in_val, len(rest))
     assert r.stratum_of(plain["test"][0]) in ("fluorescence", "brightfield_he")
+    written = json.loads((tmp_path / "split.json").read_text())  # the run folder records the per-part counts
+    assert written["val"] == strat["val"] and written["meta"]["stratify_val"] is True
+    assert written["meta"]["strata"]["val"] == {k: sum(r.stratum_of(c) == k for c in strat["val"])
+                                                for k in ("brightfield_he", "fluorescence")}

@@ -14,6 +14,7 @@ Training batches are random ``patch_size`` crops; validation and test batches ar
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,7 +156,11 @@ class HistoDataModule(L.LightningDataModule):
                     raise DataError(f"dataset {self.name!r}: the {k} split is empty ({cfg})")
             save_dir = self.split_cfg.get("save_dir")
             if save_dir:
-                save_split(self.split, Path(save_dir) / "split.json", {"dataset": self.name, **cfg})
+                meta = {"dataset": self.name, **cfg}
+                if cfg.get("stratify_val"):  # what the stratification achieved, per part
+                    meta["strata"] = {k: dict(sorted(Counter(map(self.reader.stratum_of, ids)).items()))
+                                      for k, ids in self.split.items()}
+                save_split(self.split, Path(save_dir) / "split.json", meta)
         return self.split
 
     def setup(self, stage: str | None = None) -> None:
