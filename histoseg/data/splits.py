@@ -5,6 +5,7 @@ A split never separates a group (patient / case): ids are grouped with ``reader.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,8 @@ def _strata(reader, groups: dict[str, list[str]]) -> dict[str, list[str]]:
     (ties: the first in sorted order)."""
     out: dict[str, list[str]] = {}
     for g in sorted(groups):
-        votes: dict[str, int] = {}
-        for cid in groups[g]:
-            st = reader.stratum_of(cid)
-            votes[st] = votes.get(st, 0) + 1
-        best = max(sorted(votes), key=votes.__getitem__)
-        out.setdefault(best, []).append(g)
+        votes = Counter(map(reader.stratum_of, groups[g]))
+        out.setdefault(max(sorted(votes), key=votes.__getitem__), []).append(g)
     return out
 
 
@@ -97,19 +94,18 @@ def make_split(
         test = sorted(c for g in test_groups for c in g_all[g])
         rest = [i for i in ids if i not in set(test)]
     g_rest = _groups(reader, rest)
-    strata = _strata(reader, g_rest) if stratify_val else {"": sorted(g_rest)}
     if fold is not None:
         if not 0 <= int(fold) < n_folds:
             raise ValueError(f"fold must be in [0, {n_folds - 1}] for n_folds={n_folds}, got {fold}")
         if len(g_rest) < n_folds:
             raise DataError(f"{reader.name}: {len(g_rest)} groups cannot make {n_folds} folds")
-        val_groups = []
-        for name in sorted(strata):
-            order = list(rng.permutation(strata[name]))
-            val_groups += order[int(fold) :: n_folds]
-    else:
-        val_groups = []
-        for name in sorted(strata):
+    # after the checks: a reader's stratum_of may read every image (DSB2018's modality)
+    strata = _strata(reader, g_rest) if stratify_val else {"": sorted(g_rest)}
+    val_groups = []
+    for name in sorted(strata):  # one stratum without stratify_val: the plain draw, same RNG use as before
+        if fold is not None:
+            val_groups += list(rng.permutation(strata[name]))[int(fold) :: n_folds]
+        else:
             val_groups += _take(strata[name], val_fraction, rng)[0]
     val = sorted(c for g in val_groups for c in g_rest[g])
     train = sorted(i for i in rest if i not in set(val))
