@@ -37,6 +37,8 @@ def dataset_from_checkpoint(args: list[str]) -> str | None:
     if "dataset" in keys:
         return None
     ckpt = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in ("ckpt_path", "ckpt")), None)
+    if ckpt and ckpt.startswith("["):  # a list (an ensemble): its first member's data
+        ckpt = ckpt.strip("[]").split(",")[0].strip().strip("'\"")
     if not ckpt:
         return None
     from histoseg.models.loading import load_checkpoint

@@ -63,7 +63,11 @@ def task_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.devic
         kwargs["postprocess"] = PostProcessor(**meta["postprocess"])
     kwargs.update(overrides)
     task = hydra.utils.instantiate(cfg, **{k: v for k, v in kwargs.items() if v is not None})
-    missing, unexpected = task.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = task.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise DataError(f"{path}: checkpoint weights do not fit the stored model config ({first})") from None
     net_missing = [k for k in missing if k.startswith("net.")]
     if net_missing or [k for k in unexpected if k.startswith("net.")]:
         raise DataError(f"{path}: checkpoint weights do not fit the stored model config (missing {net_missing[:3]})")

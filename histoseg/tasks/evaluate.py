@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from histoseg.data.splits import save_split
-from histoseg.tasks.restore import restore_task
+from histoseg.tasks.restore import checkpoint_paths, restore_models
 from histoseg.tasks.utils import (
     ConfigError,
     build,
@@ -45,21 +45,29 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     out = Path(cfg.paths.output_dir)
 
-    log.info("Loading checkpoint %s", cfg.ckpt_path)
+    paths = checkpoint_paths(cfg.ckpt_path)
+    log.info("Loading checkpoint%s %s", "s" if len(paths) > 1 else "", ", ".join(paths))
     weights = cfg.get("weights", "averaged")
-    task, ckpt = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, report_dir=str(out), weights=weights)
+    task, ckpts = restore_models(paths, cfg.inference, cfg.postprocess, report_dir=str(out), weights=weights)
     datamodule = build(cfg.dataset, "dataset")
     if task.num_classes != datamodule.num_classes:
         raise ConfigError(
-            f"{cfg.ckpt_path}: the model has {task.num_classes} classes but dataset {datamodule.name!r} has "
+            f"{paths[0]}: the model has {task.num_classes} classes but dataset {datamodule.name!r} has "
             f"{datamodule.num_classes} ({', '.join(datamodule.class_names)})"
         )
-    split_from = use_training_split(cfg, task, ckpt, datamodule)
+    tune_cfg = cfg.get("tune_postprocess")
+    tuning = bool(tune_cfg and tune_cfg.get("enabled"))
+    if tuning and task.postprocess.instances not in ("watershed", "markers"):
+        raise ConfigError(f"tune_postprocess.enabled=true tunes the watershed / markers post-processing, but the "
+                          f"post-processing here is instances={task.postprocess.instances!r}")
+    split_from = use_training_split(cfg, task, ckpts[0], datamodule, paths[0])
     datamodule.prepare_data()
     loader = datamodule.eval_dataloader(cfg.split)
+    check_members_held_out(paths, ckpts, datamodule, cfg.split, tuning)
     save_split(datamodule.split, out / "split.json", {"dataset": datamodule.name, "source": split_from})
+    resolved = [str(Path(p).resolve()) for p in paths]
     task.report_meta = {
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()), "dataset": datamodule.name, "split": cfg.split,
+        "checkpoint": resolved[0] if len(paths) == 1 else resolved, "dataset": datamodule.name, "split": cfg.split,
         "split_source": split_from, "weights": weights,
     }
 
@@ -68,6 +76,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
         write_run_metadata(cfg, out)
+    if tuning:
+        tune_for_eval(task, datamodule, tune_cfg, cfg.split, trainer)
     log.info("Evaluating on %d whole %s images of %s", len(loader.dataset), cfg.split, datamodule.name)
     trainer.test(model=task, dataloaders=loader)
     metrics = dict(trainer.callback_metrics)
@@ -75,15 +85,20 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, objects
 
 
-def use_training_split(cfg: DictConfig, task, ckpt: dict, datamodule) -> str:
+def stored_split(ckpt: dict, datamodule) -> dict | None:
+    """The data split a checkpoint was trained with (saved by the datamodule), or None."""
+    return (ckpt.get(type(datamodule).__qualname__) or {}).get("split")
+
+
+def use_training_split(cfg: DictConfig, task, ckpt: dict, datamodule, path: str) -> str:
     """Evaluate on the split stored in the checkpoint (the images held out in training) when asked and the
     checkpoint was trained on this dataset; returns where the split came from (for ``summary.json``)."""
-    stored = (ckpt.get(type(datamodule).__qualname__) or {}).get("split")
+    stored = stored_split(ckpt, datamodule)
     trained_on = task.data_info.get("name")
     if not cfg.use_checkpoint_split:
         return "dataset config"
     if stored is None or trained_on is None:
-        log.warning("%s stores no training split: using the dataset config's split", cfg.ckpt_path)
+        log.warning("%s stores no training split: using the dataset config's split", path)
         return "dataset config"
     if trained_on != datamodule.name:
         log.warning("checkpoint was trained on %r, evaluating on %r: using the dataset config's split",
@@ -93,11 +108,62 @@ def use_training_split(cfg: DictConfig, task, ckpt: dict, datamodule) -> str:
     missing = sorted({c for ids in stored.values() for c in ids} - known)
     if missing:
         raise ConfigError(
-            f"{cfg.ckpt_path}: its training split names {len(missing)} images this dataset config does not have "
+            f"{path}: its training split names {len(missing)} images this dataset config does not have "
             f"(e.g. {missing[:3]}); evaluate with the training data config or use_checkpoint_split=false"
         )
     datamodule.load_state_dict({"split": stored})
     return "checkpoint"
+
+
+def check_members_held_out(paths: list[str], ckpts: list[dict], datamodule, split: str, tuning: bool) -> None:
+    """No member of an ensemble may have seen the images it is scored on.
+
+    Members trained on this dataset store their split: scoring ``test`` needs the test images outside every
+    member's training and validation images (validation picked the checkpoint), scoring ``val`` needs them
+    outside every member's training images, and tuning post-processing on the validation images needs those
+    outside every member's training images. (Seeds that drew other random splits break this: keep one split
+    with ``dataset.split.seed``.) ``train`` / ``all`` are scored knowingly, with no check.
+    """
+    if split not in ("test", "val") and not tuning:
+        return
+    sp = datamodule.resolve_split()
+    scored = set((sp["test"] or sp["val"]) if split == "test" else sp["val"]) if split in ("test", "val") else set()
+    tuned = set(sp["val"]) if tuning else set()
+    for path, ckpt in zip(paths, ckpts):
+        member = stored_split(ckpt, datamodule)
+        if member is None or (ckpt["histoseg"].get("dataset") or {}).get("name") != datamodule.name:
+            continue  # not trained on this dataset (an unseen source): nothing of it was seen
+        seen = {"train": set(member.get("train") or []), "val": set(member.get("val") or [])}
+        parts = ("train", "val") if split == "test" else ("train",)
+        for name, ids, against in (("scored", scored, parts), ("tuning", tuned, ("train",))):
+            for part in against:
+                both = sorted(ids & seen[part])
+                if both:
+                    raise ConfigError(
+                        f"{path} was trained with {len(both)} of the {len(ids)} images {name} here in its {part} split "
+                        f"(e.g. {both[:3]}): its scores would not be held out. Ensemble members must share the "
+                        "test images (train them with one split, e.g. ++dataset.split.seed=0)")
+
+
+def tune_for_eval(task, datamodule, tune_cfg, split: str, trainer: L.Trainer) -> None:
+    """Tune the instance post-processing on the validation images before scoring (an ensemble's own thresholds;
+    the checkpoints are not changed). Written to ``postprocess_tuning.json``; ``summary.json`` records the result."""
+    if split == "val":
+        log.warning("tuning post-processing on the validation images and scoring the same images (split=val): "
+                    "the scores are optimistic")
+    from histoseg.tasks.train import tune_and_store
+
+    datamodule.setup("validate")
+    before = dict(task.inference)
+    if before.get("autocast") is None and "bf16" in str(trainer.precision):  # predict as the test will
+        task.inference["autocast"] = "bf16"
+    device = task.device
+    task.to(trainer.strategy.root_device)
+    try:
+        tune_and_store(task, datamodule, None, tune_cfg)
+    finally:
+        task.inference = before
+        task.to(device)
 
 
 def run(cfg: DictConfig) -> None:

@@ -40,7 +40,7 @@ from histoseg.analysis.morphometry import NUCLEI_KEYS, cellularity, nuclei_stats
 from histoseg.analysis.palette import colorize
 from histoseg.data.io import DataError, atomic_write_bytes, atomic_write_text, read_image, write_image
 from histoseg.models.loading import load_task
-from histoseg.tasks.restore import resolve_device, restore_task
+from histoseg.tasks.restore import checkpoint_paths, resolve_device, restore_models
 from histoseg.tasks.utils import ConfigError, check_mandatory, task_wrapper, write_run_metadata
 from histoseg.utils.logging import get_logger
 
@@ -201,8 +201,8 @@ def slide_report_row(path: Path, name: str, task, cfg: DictConfig, device) -> di
     """Predict one whole-slide image (:func:`histoseg.wsi.predict_slide`); its ``report.csv`` columns."""
     from histoseg.wsi.pipeline import predict_slide
 
-    s = predict_slide(path, name, task, cfg.wsi, cfg.wsi.output_dir, device, ckpt_path=cfg.ckpt_path,
-                      report=cfg.report, progress=bool(cfg.progress))
+    s = predict_slide(path, name, task, cfg.wsi, cfg.wsi.output_dir, device,
+                      ckpt_path=checkpoint_paths(cfg.ckpt_path), report=cfg.report, progress=bool(cfg.progress))
     folder = Path(cfg.wsi.output_dir) / name
     keep = ("height", "width", "mpp", "foreground_pct", *NUCLEI_KEYS, "cellularity_pct", "tissue_area_mm2")
     row = {k: s.get(k) for k in keep}
@@ -237,8 +237,9 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
             return {"n_images": 0, "n_ok": 0, "n_errors": 0, "errors": []}, {"cfg": cfg, "rows": [], "report": None}
         inputs, names = [inputs[i]], [names[i]]
     slides = [is_slide(p, int(cfg.wsi.min_slide_side)) for p in inputs]
-    task, _ = restore_task(cfg.ckpt_path, cfg.inference, cfg.postprocess, device="cpu", weights=cfg.get("weights", "averaged"))
-    mpp = resolve_mpp(cfg.mpp, task, cfg.ckpt_path) if not all(slides) else None
+    ckpts = checkpoint_paths(cfg.ckpt_path)  # several: an ensemble (raw outputs averaged)
+    task, _ = restore_models(ckpts, cfg.inference, cfg.postprocess, device="cpu", weights=cfg.get("weights", "averaged"))
+    mpp = resolve_mpp(cfg.mpp, task, ckpts[0]) if not all(slides) else None
     if task.num_classes == 4:
         try:
             cellularity(np.zeros((1, 1), np.uint8), cfg.report.tumour_classes, cfg.report.nucleus_classes)
@@ -259,7 +260,7 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     predict_one = make_predict_one(task, device, sr_task, cfg.get("sr"))
     write_run_metadata(cfg, out)
     log.info("Predicting %d image(s) and %d slide(s) with %s into %s", slides.count(False), slides.count(True),
-             cfg.ckpt_path, out)
+             ", ".join(ckpts), out)
 
     rows: list[dict] = []
     errors: list[tuple[str, str]] = []

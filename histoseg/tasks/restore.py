@@ -1,14 +1,18 @@
 """Restore a trained task for evaluation or prediction, with config overrides of its stored settings."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from histoseg.inference.postprocess import PostProcessor
 from histoseg.models.loading import WEIGHTS, load_checkpoint, task_from_checkpoint
 from histoseg.tasks.utils import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def non_null(node: DictConfig | dict | None) -> dict:
@@ -32,6 +36,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def checkpoint_paths(ckpt_path) -> list[str]:
+    """``ckpt_path`` as a list of paths: one checkpoint, or several (a list in the config: an ensemble)."""
+    if isinstance(ckpt_path, (list, tuple, ListConfig)):
+        paths = [str(p) for p in ckpt_path]
+    else:
+        paths = [str(ckpt_path)]
+    if not paths:
+        raise ConfigError("ckpt_path=[] names no checkpoint; give one, or a list of several for an ensemble")
+    seen = {str(Path(p).resolve()) for p in paths}
+    if len(seen) != len(paths):
+        raise ConfigError(f"ckpt_path lists a checkpoint twice ({paths}); an ensemble's members must differ")
+    return paths
+
+
 def restore_task(ckpt_path: str | Path, inference=None, postprocess=None, device: str | torch.device = "cpu",
                  weights: str = "averaged", **extra):
     """Load ``ckpt_path`` safely (``weights_only=True``) and apply overrides.
@@ -41,10 +59,25 @@ def restore_task(ckpt_path: str | Path, inference=None, postprocess=None, device
     constructor (e.g. ``report_dir``). ``weights``: ``averaged`` (the checkpoint's ``state_dict``) or ``raw``
     (the optimiser's weights of a run trained with ``callbacks=ema``). Returns ``(task, checkpoint dict)``.
     """
+    task, ckpts = restore_models([ckpt_path], inference, postprocess, device, weights, **extra)
+    return task, ckpts[0]
+
+
+def restore_models(ckpt_paths: Sequence[str | Path], inference=None, postprocess=None,
+                   device: str | torch.device = "cpu", weights: str = "averaged", **extra):
+    """:func:`restore_task` for one checkpoint or an ensemble of several. Returns ``(task, checkpoint dicts)``.
+
+    With several checkpoints the task is the first one's, its ``net`` replaced by an
+    :class:`~histoseg.models.ensemble.EnsembleNet` of every member's network (raw outputs averaged). The
+    members must agree on what the outputs mean (classes, heads and their activations); the inference and
+    post-processing settings are the first checkpoint's (with the overrides): tune post-processing for the
+    ensemble itself on validation images (``histoseg-eval tune_postprocess.enabled=true``).
+    """
     if weights not in WEIGHTS:
         raise ConfigError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
-    ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt["histoseg"]
+    paths = [str(p) for p in ckpt_paths]
+    ckpts = [load_checkpoint(p) for p in paths]  # every file is checked before any model is built
+    meta = ckpts[0]["histoseg"]
     inf = {**(meta.get("inference") or {}), **non_null(inference)}
     pp_over = non_null(postprocess)
     pp = None
@@ -53,5 +86,24 @@ def restore_task(ckpt_path: str | Path, inference=None, postprocess=None, device
             pp = PostProcessor(**{**(meta.get("postprocess") or {}), **pp_over})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"postprocess: {e}") from None
-    task = task_from_checkpoint(ckpt, ckpt_path, device, weights=weights, inference=inf, postprocess=pp, **extra)
-    return task, ckpt
+    task = task_from_checkpoint(ckpts[0], paths[0], device, weights=weights, inference=inf, postprocess=pp, **extra)
+    if len(paths) == 1:
+        return task, ckpts
+    from histoseg.models.ensemble import EnsembleNet
+
+    nets = [task.net]
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        other = task_from_checkpoint(ckpt, path, device, weights=weights)
+        mismatch = {k: (getattr(task, k), getattr(other, k)) for k in ("num_classes", "heads", "head_activations",
+                                                                        "out_channels")
+                    if getattr(task, k) != getattr(other, k)}
+        if mismatch:
+            raise ConfigError(f"{path} cannot join an ensemble with {paths[0]}: their outputs differ in "
+                              + "; ".join(f"{k} {b} vs {a}" for k, (a, b) in mismatch.items()))
+        if not pp_over and (ckpt["histoseg"].get("postprocess") or {}) != (meta.get("postprocess") or {}):
+            log.warning("ensemble: %s stores other post-processing settings than %s; the ensemble uses the first "
+                        "one's unless tuned (tune_postprocess.enabled=true) or overridden", path, paths[0])
+        nets.append(other.net)
+    task.net = EnsembleNet(nets).to(device)
+    log.info("ensemble of %d checkpoints (raw outputs averaged): %s", len(paths), ", ".join(paths))
+    return task, ckpts

@@ -193,7 +193,10 @@ def merge_resumed_timing(path: str, timing: dict, ckpt_path: str | None) -> dict
 
 
 def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
-    """Tune instance post-processing on the validation images with the best weights; store in checkpoints."""
+    """Tune instance post-processing on the validation images with the best weights; store in checkpoints.
+
+    ``trainer=None`` (``histoseg-eval``): tune the task's current weights (e.g. an ensemble) and store nothing
+    in checkpoints; either way the grid goes to ``postprocess_tuning.json`` in the task's report dir."""
     import json
 
     from histoseg.inference.tuning import NEEDS_INSTANCES, store_postprocess, tune_postprocess
@@ -206,7 +209,7 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
     if not samples:
         log.warning("no validation image to tune %r on: post-processing thresholds stay as configured", objective)
         return
-    cb = trainer.checkpoint_callback
+    cb = trainer.checkpoint_callback if trainer is not None else None
     best = getattr(cb, "best_model_path", "") if cb is not None else ""
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -214,7 +217,7 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
     grid = OmegaConf.to_container(tune_cfg.grid, resolve=True) if tune_cfg.get("grid") else None
     params, table = tune_postprocess(task, samples, objective, grid, workers=tune_cfg.get("workers", "auto"))
     task.postprocess = task.postprocess.with_params(**params)
-    if trainer.is_global_zero:
+    if trainer is None or trainer.is_global_zero:
         for path in {best, getattr(cb, "last_model_path", "") if cb is not None else ""} - {""}:
             store_postprocess(path, task.postprocess.config())
         from histoseg.data.io import atomic_write_text
@@ -222,7 +225,8 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
         if task.report_dir:
             atomic_write_text(
                 f"{task.report_dir}/postprocess_tuning.json",
-                json.dumps({"best": params, "n_val_images": len(samples), "table": table}, indent=1),
+                json.dumps({"best": params, "objective": objective, "n_val_images": len(samples),
+                            "val_images": [s.case_id for s in samples], "table": table}, indent=1),
             )
 
 

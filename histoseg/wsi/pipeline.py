@@ -156,7 +156,7 @@ def predict_slide(
     wsi: DictConfig | dict,
     out_root: str | Path,
     device: torch.device | str = "cpu",
-    ckpt_path: str | Path | None = None,
+    ckpt_path: str | Path | list[str] | None = None,
     report: DictConfig | dict | None = None,
     predictor=None,
     progress: bool = True,
@@ -177,11 +177,14 @@ def predict_slide(
     slide = Slide(path, w["backend"], w["mpp"])
     try:
         slide_mpp = slide.mpp
-        model_mpp = model_mpp_of(task, w["model_mpp"], ckpt_path or "the checkpoint")
+        ckpts = [ckpt_path] if isinstance(ckpt_path, (str, Path)) else list(ckpt_path or [])  # a list: an ensemble
+        model_mpp = model_mpp_of(task, w["model_mpp"], ckpts[0] if ckpts else "the checkpoint")
         grid = model_grid(slide, model_mpp, w["mpp_tolerance"])
         inference = {**task.inference}
+        ckpt_ids = [file_id(p) for p in ckpts]
         fp = fingerprint(
-            version=VERSION, slide=file_id(path), ckpt=file_id(ckpt_path) if ckpt_path else None, mpp=slide_mpp,
+            version=VERSION, slide=file_id(path), ckpt=ckpt_ids if len(ckpt_ids) > 1 else (ckpt_ids or [None])[0],
+            mpp=slide_mpp,
             grid=grid, inference=inference, postprocess=task.postprocess.config(), tissue=w["tissue"],
             block=w["block_shape"], chunk=w["chunk_shape"], dtype=w["logits_dtype"], post=w["post"],
             geojson=w["geojson"], report=_cfg(report) if report is not None else None,
