@@ -31,8 +31,24 @@ def run_info(run: Path, metrics: list[str]) -> dict:
     tim = run / "timing.json"
     if tim.is_file():
         wall = json.loads(tim.read_text())
+    ckpt = summary.get("checkpoint")
     return {"seed": cfg.get("seed"), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
-            "overrides": overrides, "timing": wall, "selected": selected_checkpoint(run)}
+            "overrides": overrides, "timing": wall, "selected": selected_checkpoint(run),
+            "members": [repo_relative(c) for c in ckpt] if isinstance(ckpt, list) else None}  # an ensemble's checkpoints
+
+
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository when inside it (results.json should not name this machine's folders)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return path
+
+
+def seed_label(v: str) -> int | str:
+    """A seed (an int) or a label for several (an ensemble's members, e.g. ``0+1+2``)."""
+    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def selected_checkpoint(run: Path) -> dict | None:
@@ -66,9 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", required=True)
     ap.add_argument("--command", nargs="+", required=True, help="the command(s) that made the runs")
     ap.add_argument("--out", default=None, help="results file name (default results.json)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+    ap.add_argument("--seeds", nargs="+", type=seed_label, default=None,
                     help="the training seeds of the runs, in --runs order (for histoseg-eval runs, whose own config "
-                         "holds the evaluation's seed, not the checkpoint's)")
+                         "holds the evaluation's seed, not the checkpoint's); an ensemble's as one label, e.g. 0+1+2")
     a = ap.parse_args(argv)
     folder = Path(__file__).resolve().parent / a.name
     out = folder / (a.out or "results.json")
@@ -89,7 +105,8 @@ def main(argv=None) -> None:
         seeds=[r["seed"] for r in runs],
         metrics={m: {"per_seed": [round(float(r["metrics"][m]), 6) for r in runs]} for m in a.metrics},
         runs=[{"dir": str(p), "seed": r["seed"], "n_images": r["n_images"], "timing": r["timing"],
-               "selected_checkpoint": r["selected"]} for p, r in zip(sorted(a.runs), runs)],
+               "selected_checkpoint": r["selected"], **({"members": r["members"]} if r["members"] else {})}
+              for p, r in zip(sorted(a.runs), runs)],
     )
     folder.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")

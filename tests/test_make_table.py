@@ -124,3 +124,22 @@ def test_collect_reads_the_selected_checkpoint_and_its_wall_time(tmp_path):
     assert info["selected"] == {"epoch": 2, "fit_min": 3.8}  # 3.75 rounded to 0.1 min
     with pytest.raises(SystemExit, match="has no \\['pq'\\]"):
         collect.run_info(run, ["pq"])
+
+
+def test_collect_records_an_ensembles_members_and_seed_label(tmp_path):
+    """A histoseg-eval run of an ensemble: summary.json's checkpoint list becomes the run's ``members`` and
+    ``--seeds 0+1+2`` labels it (the eval's own config holds the evaluation's seed, not the members')."""
+    spec = importlib.util.spec_from_file_location("collect", ROOT / "experiments" / "collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    run = tmp_path / "ens"
+    run.mkdir()
+    members = ["/x/a/epoch_011.ckpt", "/x/b/epoch_007.ckpt"]
+    (run / "summary.json").write_text(json.dumps({"n_images": 3, "mean": {"dice": 0.9}, "checkpoint": members}))
+    (run / "config.yaml").write_text("seed: 42\n")
+    assert collect.run_info(run, ["dice"])["members"] == members
+    assert collect.seed_label("0+1+2") == "0+1+2" and collect.seed_label("3") == 3
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "summary.json").write_text(json.dumps({"n_images": 3, "mean": {"dice": 0.9}, "checkpoint": "/x/a.ckpt"}))
+    assert collect.run_info(single, ["dice"])["members"] is None
