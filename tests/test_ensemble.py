@@ -14,7 +14,7 @@ from histoseg.data.io import DataError
 from histoseg.models.ensemble import EnsembleNet
 from histoseg.models.loading import load_checkpoint
 from histoseg.tasks.evaluate import evaluate
-from histoseg.tasks.restore import checkpoint_paths, restore_models, restore_task
+from histoseg.tasks.restore import checkpoint_paths, postprocess_overrides, restore_models, restore_task
 from histoseg.tasks.train import train
 from histoseg.tasks.utils import ConfigError
 from tests.conftest import compose_cfg
@@ -113,7 +113,27 @@ def test_eval_tunes_the_ensembles_postprocessing_on_validation_without_touching_
     assert [open(p, "rb").read() for p in paths] == before  # the members' stored settings are unchanged
     rows = list(csv.DictReader(open(tmp_path / "per_image.csv")))
     assert [r["case_id"] for r in rows] == ["syn-test-0000", "syn-test-0001", "syn-test-0002"]
-    assert 0.0 <= float(metrics["test/dice"]) <= 1.0
+    # the tuned settings live in no checkpoint: postprocess_from= reads them back from either output file
+    for src in ("postprocess_tuning.json", "summary.json"):
+        again, _ = evaluate(eval_cfg(tmp_path / f"from_{src}", ckpt_list(*paths), f"postprocess_from={tmp_path / src}"))
+        for k in ("test/dice", "test/aji", "test/pq"):
+            assert float(again[k]) == pytest.approx(float(metrics[k]), abs=1e-6), (src, k)
+        assert json.loads((tmp_path / f"from_{src}" / "summary.json").read_text())["postprocess"] == summary["postprocess"]
+    # explicit postprocess.* still win over the file
+    cfg = eval_cfg(tmp_path / "o", ckpt_list(*paths), f"postprocess_from={tmp_path / 'summary.json'}",
+                   "postprocess.min_size=77")
+    assert postprocess_overrides(cfg)["min_size"] == 77
+    assert postprocess_overrides(cfg)["threshold"] == best["threshold"]
+
+
+def test_postprocess_from_names_a_missing_or_unfit_file(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"mean": {}}))
+    (tmp_path / "bad.json").write_text("{")
+    for name, msg in (("missing.json", "no such file"), ("x.json", "holds no post-processing"),
+                      ("bad.json", "not a JSON file")):
+        cfg = eval_cfg(tmp_path, "ckpt_path=a.ckpt", f"postprocess_from={tmp_path / name}")
+        with pytest.raises(ConfigError, match=f"postprocess_from=.*{name}.*{msg}"):
+            postprocess_overrides(cfg)
 
 
 def test_a_member_that_trained_on_the_test_images_is_refused(members, tmp_path):

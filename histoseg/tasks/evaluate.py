@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from histoseg.data.splits import save_split
-from histoseg.tasks.restore import checkpoint_paths, restore_models
+from histoseg.tasks.restore import checkpoint_paths, postprocess_overrides, restore_models
 from histoseg.tasks.utils import (
     ConfigError,
     build,
@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     paths = checkpoint_paths(cfg.ckpt_path)
     log.info("Loading checkpoint%s %s", "s" if len(paths) > 1 else "", ", ".join(paths))
     weights = cfg.get("weights", "averaged")
-    task, ckpts = restore_models(paths, cfg.inference, cfg.postprocess, report_dir=str(out), weights=weights)
+    task, ckpts = restore_models(paths, cfg.inference, postprocess_overrides(cfg), report_dir=str(out), weights=weights)
     datamodule = build(cfg.dataset, "dataset")
     if task.num_classes != datamodule.num_classes:
         raise ConfigError(

@@ -40,7 +40,7 @@ from histoseg.analysis.morphometry import NUCLEI_KEYS, cellularity, nuclei_stats
 from histoseg.analysis.palette import colorize
 from histoseg.data.io import DataError, atomic_write_bytes, atomic_write_text, read_image, write_image
 from histoseg.models.loading import load_task
-from histoseg.tasks.restore import checkpoint_paths, resolve_device, restore_models
+from histoseg.tasks.restore import checkpoint_paths, postprocess_overrides, resolve_device, restore_models
 from histoseg.tasks.utils import ConfigError, check_mandatory, task_wrapper, write_run_metadata
 from histoseg.utils.logging import get_logger
 
@@ -238,7 +238,8 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
         inputs, names = [inputs[i]], [names[i]]
     slides = [is_slide(p, int(cfg.wsi.min_slide_side)) for p in inputs]
     ckpts = checkpoint_paths(cfg.ckpt_path)  # several: an ensemble (raw outputs averaged)
-    task, _ = restore_models(ckpts, cfg.inference, cfg.postprocess, device="cpu", weights=cfg.get("weights", "averaged"))
+    task, _ = restore_models(ckpts, cfg.inference, postprocess_overrides(cfg), device="cpu",
+                             weights=cfg.get("weights", "averaged"))
     mpp = resolve_mpp(cfg.mpp, task, ckpts[0]) if not all(slides) else None
     if task.num_classes == 4:
         try:

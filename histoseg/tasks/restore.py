@@ -1,6 +1,7 @@
 """Restore a trained task for evaluation or prediction, with config overrides of its stored settings."""
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,31 @@ def non_null(node: DictConfig | dict | None) -> dict:
         return {}
     d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     return {k: v for k, v in d.items() if v is not None}
+
+
+def postprocess_overrides(cfg: DictConfig) -> dict:
+    """The post-processing overrides of an eval / predict config: ``postprocess.*`` (its set keys) on top of the
+    settings in ``postprocess_from``, a file written by ``histoseg-eval``: its ``summary.json`` (the settings it
+    scored with) or ``postprocess_tuning.json`` (what ``tune_postprocess.enabled=true`` found, e.g. for an
+    ensemble, whose tuned thresholds live in no checkpoint)."""
+    over = non_null(cfg.get("postprocess"))
+    src = cfg.get("postprocess_from")
+    if not src:
+        return over
+    p = Path(str(src))
+    if not p.is_file():
+        raise ConfigError(f"postprocess_from={p}: no such file")
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"postprocess_from={p}: not a JSON file ({e})") from None
+    base = d.get("postprocess") if isinstance(d, dict) else None
+    if not isinstance(base, dict):
+        base = d.get("best") if isinstance(d, dict) else None
+    if not isinstance(base, dict):
+        raise ConfigError(f"postprocess_from={p}: holds no post-processing settings (neither a summary.json's "
+                          "'postprocess' nor a postprocess_tuning.json's 'best')")
+    return {**base, **over}
 
 
 def resolve_device(name: str) -> torch.device:
