@@ -143,8 +143,11 @@ def test_a_member_that_trained_on_the_test_images_is_refused(members, tmp_path):
     split["train"] = [*split["train"], split["test"][0]]
     leaky = tmp_path / "leaky.ckpt"
     torch.save(ckpt, leaky)
-    with pytest.raises(ConfigError, match=r"leaky\.ckpt was trained with 1 of the 3 images scored here in its train"):
+    with pytest.raises(ConfigError, match=r"leaky\.ckpt has 1 of the 3 images scored here in its train split"):
         evaluate(eval_cfg(tmp_path / "a", ckpt_list(members[0]["ckpt"], leaky)))
+    # a single checkpoint scored on the dataset config's split instead of its own is checked the same way
+    with pytest.raises(ConfigError, match=r"leaky\.ckpt has 1 of the 3 images scored"):
+        evaluate(eval_cfg(tmp_path / "single", f"ckpt_path={leaky}", "use_checkpoint_split=false"))
     split["train"].pop()
     split["val"] = [*split["val"], split["test"][1]]
     torch.save(ckpt, leaky)
@@ -154,7 +157,7 @@ def test_a_member_that_trained_on_the_test_images_is_refused(members, tmp_path):
     split["val"].pop()
     split["train"] = [*split["train"], "syn-val-0001"]
     torch.save(ckpt, leaky)
-    with pytest.raises(ConfigError, match="images tuning here in its train split"):
+    with pytest.raises(ConfigError, match="images tuned on here in its train split"):
         evaluate(eval_cfg(tmp_path / "c", ckpt_list(members[0]["ckpt"], leaky), "tune_postprocess.enabled=true"))
     assert not (tmp_path / "c" / "per_image.csv").exists()
 

@@ -116,33 +116,35 @@ def use_training_split(cfg: DictConfig, task, ckpt: dict, datamodule, path: str)
 
 
 def check_members_held_out(paths: list[str], ckpts: list[dict], datamodule, split: str, tuning: bool) -> None:
-    """No member of an ensemble may have seen the images it is scored on.
+    """No checkpoint (no member of an ensemble) may have seen the images it is scored or tuned on.
 
-    Members trained on this dataset store their split: scoring ``test`` needs the test images outside every
-    member's training and validation images (validation picked the checkpoint), scoring ``val`` needs them
-    outside every member's training images, and tuning post-processing on the validation images needs those
-    outside every member's training images. (Seeds that drew other random splits break this: keep one split
-    with ``dataset.split.seed``.) ``train`` / ``all`` are scored knowingly, with no check.
+    Checkpoints trained on this dataset store their split: scoring ``test`` needs the test images outside every
+    member's training and validation images (validation picked the checkpoint), scoring ``val`` (or ``test`` of
+    a dataset without test images, which falls back to them) needs them outside every member's training images,
+    and tuning post-processing on the validation images needs those outside every member's training images.
+    (Seeds that drew other random splits break this: keep one split with ``dataset.split.seed``.) ``train`` /
+    ``all`` are scored knowingly, with no check.
     """
-    if split not in ("test", "val") and not tuning:
-        return
     sp = datamodule.resolve_split()
-    scored = set((sp["test"] or sp["val"]) if split == "test" else sp["val"]) if split in ("test", "val") else set()
-    tuned = set(sp["val"]) if tuning else set()
+    checks = []  # (what, image ids, the member's parts they must stay out of)
+    if split == "test" and sp["test"]:
+        checks.append(("scored", set(sp["test"]), ("train", "val")))
+    elif split in ("test", "val"):
+        checks.append(("scored", set(sp["val"]), ("train",)))
+    if tuning:
+        checks.append(("tuned on", set(sp["val"]), ("train",)))
     for path, ckpt in zip(paths, ckpts):
         member = stored_split(ckpt, datamodule)
         if member is None or (ckpt["histoseg"].get("dataset") or {}).get("name") != datamodule.name:
             continue  # not trained on this dataset (an unseen source): nothing of it was seen
-        seen = {"train": set(member.get("train") or []), "val": set(member.get("val") or [])}
-        parts = ("train", "val") if split == "test" else ("train",)
-        for name, ids, against in (("scored", scored, parts), ("tuning", tuned, ("train",))):
-            for part in against:
-                both = sorted(ids & seen[part])
+        for what, ids, parts in checks:
+            for part in parts:
+                both = sorted(ids & set(member.get(part) or []))
                 if both:
                     raise ConfigError(
-                        f"{path} was trained with {len(both)} of the {len(ids)} images {name} here in its {part} split "
-                        f"(e.g. {both[:3]}): its scores would not be held out. Ensemble members must share the "
-                        "test images (train them with one split, e.g. ++dataset.split.seed=0)")
+                        f"{path} has {len(both)} of the {len(ids)} images {what} here in its {part} split (e.g. "
+                        f"{both[:3]}): its scores would not be held out. Ensemble members must share the test images "
+                        "(train them with one split, e.g. ++dataset.split.seed=0)")
 
 
 def tune_for_eval(task, datamodule, tune_cfg, split: str, trainer: L.Trainer) -> None:
