@@ -1,26 +1,15 @@
 """experiments/batch.py: presets x seeds run N at a time, with a deadline, a batch.json summary and a tarball."""
-import importlib.util
 import json
 import os
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers_scripts import load_experiment_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("batch", ROOT / "experiments" / "batch.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-batch = load_script()
+batch = load_experiment_script("batch")
 
 
 def test_a_preset_run_lands_where_collect_reads_it_and_packs_without_checkpoints(tmp_path, capsys):

@@ -1,21 +1,15 @@
 """experiments/make_table.py regenerates the results tables from results.json files (fixture numbers)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.helpers_scripts import load_experiment_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_table", ROOT / "experiments" / "make_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mt = load_script()
+mt = load_experiment_script("make_table")
 MARKED = "# {title}\n\nintro stays\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nfooter stays\n"
 
 
@@ -107,9 +101,7 @@ def test_the_repository_tables_are_up_to_date():
 def test_collect_reads_the_selected_checkpoint_and_its_wall_time(tmp_path):
     """experiments/collect.py: per run, the seed, the test metrics and the best checkpoint's epoch together with
     the WallClock minutes logged for that epoch (so "reached within N min" is measured, not estimated)."""
-    spec = importlib.util.spec_from_file_location("collect", ROOT / "experiments" / "collect.py")
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
+    collect = load_experiment_script("collect")
     run = tmp_path / "seed_1"
     (run / "checkpoints").mkdir(parents=True)
     (run / "csv").mkdir()
@@ -129,9 +121,7 @@ def test_collect_reads_the_selected_checkpoint_and_its_wall_time(tmp_path):
 def test_collect_records_an_ensembles_members_and_seed_label(tmp_path):
     """A histoseg-eval run of an ensemble: summary.json's checkpoint list becomes the run's ``members`` and
     ``--seeds 0+1+2`` labels it (the eval's own config holds the evaluation's seed, not the members')."""
-    spec = importlib.util.spec_from_file_location("collect", ROOT / "experiments" / "collect.py")
-    collect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect)
+    collect = load_experiment_script("collect")
     run = tmp_path / "ens"
     run.mkdir()
     members = ["/x/a/epoch_011.ckpt", "/x/b/epoch_007.ckpt"]

@@ -1,21 +1,12 @@
 """experiments/paired.py: per-image paired comparison of runs on the same test images (fixture per_image.csv)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers_scripts import load_experiment_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("paired", ROOT / "experiments" / "paired.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-paired = load_script()
+paired = load_experiment_script("paired")
 
 
 def run_dir(tmp_path: Path, name: str, rows: dict[str, dict[str, float]]) -> Path:
