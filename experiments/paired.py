@@ -47,13 +47,23 @@ def read_per_image(run: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def compare(base: dict, new: dict, metric: str, names: tuple[str, str]) -> tuple[dict, dict[str, float]]:
-    """Summary of ``new - base`` on ``metric`` over the shared images, and ``case_id -> difference``."""
+def check_same_images(base: dict, new: dict, names: tuple[str, str]) -> None:
     if set(base) != set(new):
         only_b, only_n = sorted(set(base) - set(new)), sorted(set(new) - set(base))
         raise PairError(f"{names[0]} and {names[1]} scored different images "
                         f"(only in the first: {only_b[:3]}{'...' if len(only_b) > 3 else ''}; "
                         f"only in the second: {only_n[:3]}{'...' if len(only_n) > 3 else ''})")
+
+
+def summarise(d: np.ndarray) -> dict:
+    """Mean difference and better / equal / worse counts of per-image differences ``new - base``."""
+    return {"n": int(d.size), "diff": round(float(d.mean()), 4), "better": int((d > 0).sum()),
+            "equal": int((d == 0).sum()), "worse": int((d < 0).sum())}
+
+
+def compare(base: dict, new: dict, metric: str, names: tuple[str, str]) -> tuple[dict, dict[str, float]]:
+    """Summary of ``new - base`` on ``metric`` over the images of two runs that scored the same images (see
+    :func:`check_same_images`), and ``case_id -> difference``."""
     ids = sorted(base)
     for name, run in zip(names, (base, new)):
         missing = [i for i in ids if metric not in run[i] or math.isnan(run[i][metric])]
@@ -62,9 +72,9 @@ def compare(base: dict, new: dict, metric: str, names: tuple[str, str]) -> tuple
     b = np.array([base[i][metric] for i in ids])
     n = np.array([new[i][metric] for i in ids])
     d = n - b
-    return {"n": len(ids), "base": round(float(b.mean()), 4), "new": round(float(n.mean()), 4),
-            "diff": round(float(d.mean()), 4), "better": int((d > 0).sum()), "equal": int((d == 0).sum()),
-            "worse": int((d < 0).sum())}, dict(zip(ids, d.tolist()))
+    counts = summarise(d)
+    summary = {"n": counts.pop("n"), "base": round(float(b.mean()), 4), "new": round(float(n.mean()), 4), **counts}
+    return summary, dict(zip(ids, d.tolist()))
 
 
 def wilcoxon_p(d: np.ndarray) -> float | None:
@@ -88,23 +98,24 @@ def main(argv=None) -> dict:
     pairs, pooled = [], {m: {} for m in a.metrics}
     for base_dir, new_dir in zip(a.base, a.new):
         base, new = read_per_image(base_dir), read_per_image(new_dir)
+        names = (str(base_dir), str(new_dir))
+        check_same_images(base, new, names)
         entry = {"base": str(base_dir), "new": str(new_dir)}
         for m in a.metrics:
-            entry[m], diffs = compare(base, new, m, (str(base_dir), str(new_dir)))
+            entry[m], diffs = compare(base, new, m, names)
             for cid, v in diffs.items():
                 pooled[m].setdefault(cid, []).append(v)
         pairs.append(entry)
     out = {"pairs": pairs, "pooled": {}}
     for m, per_image in pooled.items():
         d = np.array([np.mean(v) for v in per_image.values()])
-        out["pooled"][m] = {"n": int(d.size), "diff": round(float(d.mean()), 4), "better": int((d > 0).sum()),
-                            "equal": int((d == 0).sum()), "worse": int((d < 0).sum()), "wilcoxon_p": wilcoxon_p(d)}
+        out["pooled"][m] = {**summarise(d), "wilcoxon_p": wilcoxon_p(d)}
     text = json.dumps(out, indent=1)
     print(text)
     if a.out is not None:
-        tmp = a.out.with_name(a.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(a.out)
+        from histoseg.data.io import atomic_write_text
+
+        atomic_write_text(a.out, text + "\n")
     return out
 
 
