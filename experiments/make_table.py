@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from histoseg.data.io import atomic_write_text
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 REQUIRED = ("dataset", "split", "command", "hardware", "budget", "metrics")
@@ -144,17 +144,6 @@ def replace_between_markers(text: str, table: str, path: Path) -> str:
     return f"{head}{START}\n{table}\n{END}{tail}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def update(root: Path, check: bool = False) -> list[Path]:
     """Rewrite (or, with ``check``, compare) every table; returns the files that changed / are stale."""
     results = collect(root)
@@ -171,7 +160,7 @@ def update(root: Path, check: bool = False) -> list[Path]:
         if new != old:
             changed.append(path)
             if not check:
-                _atomic_write(path, new)
+                atomic_write_text(path, new)
     return changed
 
 
