@@ -192,6 +192,15 @@ def test_nuclei_default_split_is_80_10_10_and_folds_partition_the_rest(make_cfg,
     assert sum(len(v) for v in vals) == n - 59 and len(set().union(*vals)) == n - 59
 
 
+@pytest.mark.parametrize("case", ["Case_10", "Case_13"])
+def test_brecahad_leave_one_case_out_tests_on_exactly_that_case(make_cfg, data_dir, case):
+    sp = datamodule(make_cfg, "brecahad", f"dataset.split.test_groups=[{case}]").resolve_split()
+    assert sp["test"] and all(c.startswith(case + "-") for c in sp["test"])
+    cases = {part: {c.split("-")[0] for c in sp[part]} for part in ("train", "val")}
+    assert case not in cases["train"] | cases["val"] and not cases["train"] & cases["val"]
+    assert len(cases["val"]) == 1 and len(cases["train"]) == 2  # the kit's 4 cases: 2 train, 1 val, 1 test
+
+
 def test_tcia_instances_split_touching_nuclei_into_components(data_dir):
     from histoseg.data.readers.tcia_nuclei import TCIANucleiReader
 

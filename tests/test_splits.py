@@ -55,3 +55,37 @@ def test_stratified_folds_partition_the_non_test_groups_with_each_stratum_spread
     assert set().union(*vals) == rest and sum(map(len, vals)) == len(rest)
     n_b = kinds(r, list(rest))["b"]
     assert all(abs(kinds(r, list(v))["b"] - n_b / 4) <= 1 for v in vals)
+
+
+def test_test_groups_are_the_test_split_and_leave_one_out_covers_every_group_once():
+    r = StrataReader()
+    groups = sorted({r.group_of(c) for c in r.case_ids()})[:6]
+    seen = []
+    for g in groups:
+        sp = make_split(r, "random", 0, val_fraction=0.25, test_groups=[g])
+        assert sp["test"] == [f"{g}_0", f"{g}_1"]  # the whole group, nothing else
+        assert not set(sp["train"]) & set(sp["val"]) and not (set(sp["train"]) | set(sp["val"])) & set(sp["test"])
+        assert len(sp["train"]) + len(sp["val"]) + 2 == len(r.case_ids())
+        assert {r.group_of(c) for c in sp["train"]}.isdisjoint({r.group_of(c) for c in sp["val"]})
+        seen += sp["test"]
+    assert sorted(seen) == sorted(c for c in r.case_ids() if r.group_of(c) in groups)
+    two = make_split(r, "random", 3, test_groups=["g007", "g002"])
+    assert {r.group_of(c) for c in two["test"]} == {"g002", "g007"}
+    assert make_split(r, "random", 3, test_groups="g007")["test"] == ["g007_0", "g007_1"]  # a bare string
+
+
+def test_test_groups_refuse_unknown_groups_all_groups_and_the_official_strategy():
+    from histoseg.data.io import DataError
+
+    r = StrataReader()
+    with pytest.raises(DataError, match=r"\['nope'\].*g000"):
+        make_split(r, "random", 0, test_groups=["g001", "nope"])
+    with pytest.raises(DataError, match="nothing is left"):
+        make_split(r, "random", 0, test_groups=sorted({r.group_of(c) for c in r.case_ids()}))
+
+    class Official(StrataReader):
+        def official_split(self):
+            return {"test": ["g000_0", "g000_1"]}
+
+    with pytest.raises(ValueError, match="strategy=random"):
+        make_split(Official(), "official", 0, test_groups=["g001"])

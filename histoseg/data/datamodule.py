@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from histoseg.data.datasets import (
@@ -103,7 +104,8 @@ class HistoDataModule(L.LightningDataModule):
         self.pin_memory_cfg = None if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.aug, self.targets, self.seed = aug, targets, int(seed)
-        self.split_cfg = dict(split or {})
+        # plain containers: the split settings go into split.json (a list such as test_groups included)
+        self.split_cfg = OmegaConf.to_container(split, resolve=True) if isinstance(split, DictConfig) else dict(split or {})
         self.pad, self.patch_store_cfg = int(pad), patch_store
         self.download, self.limit_val, self.limit_test = bool(download), limit_val, limit_test
         self.limit_train = limit_train

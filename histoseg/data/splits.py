@@ -48,6 +48,7 @@ def make_split(
     n_folds: int = 5,
     file: str | None = None,
     stratify_val: bool = False,
+    test_groups: list[str] | None = None,
 ) -> dict[str, list[str]]:
     """Return ``{"train", "val", "test"}`` case-id lists.
 
@@ -62,6 +63,9 @@ def make_split(
             DSB2018's imaging modality), so validation, and so model selection and post-processing tuning, sees
             every kind of image in its share. The test draw is unchanged: the same ``seed`` gives the same test
             images with or without it.
+        test_groups: with ``strategy=random``, these groups (``reader.group_of``: patients / cases) are the test
+            split instead of a random ``test_fraction`` of the groups; train / val are drawn from the rest as usual.
+            One run per group gives leave-one-group-out test folds (e.g. BreCaHAD's four kit cases).
     """
     ids = reader.case_ids()
     if not ids:
@@ -82,6 +86,9 @@ def make_split(
         raise ValueError(f"split strategy must be 'official' or 'random', got {strategy!r}")
     if strategy == "official" and official is None:
         raise DataError(f"{reader.name}: the dataset defines no official split; use split.strategy=random")
+    if strategy == "official" and test_groups is not None:
+        raise ValueError("split.test_groups replaces the random test draw; with split.strategy=official the "
+                         "publisher's test set is used: set split.strategy=random to choose the test groups")
     if official is not None:
         test = sorted(official.get("test", []))
         rest = [i for i in ids if i not in set(test)]
@@ -90,7 +97,16 @@ def make_split(
             return {"train": sorted(i for i in rest if i not in set(val)), "val": val, "test": test}
     else:
         g_all = _groups(reader, ids)
-        test_groups, _ = _take(list(g_all), test_fraction, rng)
+        if test_groups is not None:
+            test_groups = [str(g) for g in ([test_groups] if isinstance(test_groups, str) else test_groups)]
+            unknown = sorted(set(test_groups) - set(g_all))
+            if unknown or not test_groups:
+                raise DataError(f"{reader.name}: split.test_groups {unknown or '[]'} name no group of the data; "
+                                f"its groups are {sorted(g_all)[:20]}{' ...' if len(g_all) > 20 else ''}")
+            if len(set(test_groups)) == len(g_all):
+                raise DataError(f"{reader.name}: split.test_groups takes every group; nothing is left to train on")
+        else:
+            test_groups, _ = _take(list(g_all), test_fraction, rng)
         test = sorted(c for g in test_groups for c in g_all[g])
         rest = [i for i in ids if i not in set(test)]
     g_rest = _groups(reader, rest)
