@@ -21,7 +21,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from histoseg.data.datasets import (
@@ -36,6 +35,7 @@ from histoseg.data.io import DataError
 from histoseg.data.readers.base import Reader
 from histoseg.data.sample import Sample
 from histoseg.data.splits import make_split, save_split
+from histoseg.utils.config import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class HistoDataModule(L.LightningDataModule):
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.aug, self.targets, self.seed = aug, targets, int(seed)
         # plain containers: the split settings go into split.json (a list such as test_groups included)
-        self.split_cfg = OmegaConf.to_container(split, resolve=True) if isinstance(split, DictConfig) else dict(split or {})
+        self.split_cfg = plain_dict(split or {})
         self.pad, self.patch_store_cfg = int(pad), patch_store
         self.download, self.limit_val, self.limit_test = bool(download), limit_val, limit_test
         self.limit_train = limit_train

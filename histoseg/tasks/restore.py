@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from histoseg.inference.postprocess import PostProcessor
 from histoseg.models.loading import WEIGHTS, load_checkpoint, task_from_checkpoint
 from histoseg.tasks.utils import ConfigError
+from histoseg.utils.config import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,7 @@ def non_null(node: DictConfig | dict | None) -> dict:
     """The entries of an override block that are set (``null`` means: keep the checkpoint's value)."""
     if node is None:
         return {}
-    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return {k: v for k, v in d.items() if v is not None}
+    return {k: v for k, v in plain_dict(node).items() if v is not None}
 
 
 def postprocess_overrides(cfg: DictConfig) -> dict:

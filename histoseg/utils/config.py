@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,11 @@ def data_root() -> str:
         if cand.is_dir():
             return str(cand.resolve())
     return str(PROJECT_ROOT / "data")
+
+
+def plain_dict(node) -> dict:
+    """A config block as a plain ``dict`` (nested lists / dicts too, interpolations resolved), e.g. to write as JSON."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
 def _mode(num_classes) -> str:

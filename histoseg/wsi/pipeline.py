@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from histoseg.analysis.palette import GENERIC_PALETTE, palette_for
 from histoseg.data.io import atomic_write_text, write_image
 from histoseg.inference.tiled import with_tta
+from histoseg.utils.config import plain_dict
 from histoseg.utils.logging import get_logger
 from histoseg.wsi.outputs import (
     TISSUE_STYLE,
@@ -62,10 +63,6 @@ SLIDE_COLUMNS = (
     "overlay", "tissue",
 )
 VERSION = 1  # bump when the stored formats change (a new version recomputes instead of resuming)
-
-
-def _cfg(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
 def class_style(task) -> ClassStyle:
@@ -169,7 +166,7 @@ def predict_slide(
     file) for unreadable slides.
     """
     t_start = time.perf_counter()
-    w = _cfg(wsi)
+    w = plain_dict(wsi)
     check_settings(w)
     device = torch.device(device)
     out = Path(out_root) / name
@@ -187,7 +184,7 @@ def predict_slide(
             mpp=slide_mpp,
             grid=grid, inference=inference, postprocess=task.postprocess.config(), tissue=w["tissue"],
             block=w["block_shape"], chunk=w["chunk_shape"], dtype=w["logits_dtype"], post=w["post"],
-            geojson=w["geojson"], report=_cfg(report) if report is not None else None,
+            geojson=w["geojson"], report=plain_dict(report) if report is not None else None,
         )
         files = [f"{name}_mask.ome.tif", f"{name}.geojson", f"{name}_overlay.png", f"{name}_tissue.png", "summary.csv"]
         if w["skip_complete"] and is_complete(out, name, fp):
