@@ -72,6 +72,7 @@ def test_test_groups_are_the_test_split_and_leave_one_out_covers_every_group_onc
     two = make_split(r, "random", 3, test_groups=["g007", "g002"])
     assert {r.group_of(c) for c in two["test"]} == {"g002", "g007"}
     assert make_split(r, "random", 3, test_groups="g007")["test"] == ["g007_0", "g007_1"]  # a bare string
+    assert make_split(r, "random", 3, test_groups=["g007", "g007"])["test"] == ["g007_0", "g007_1"]  # named twice
 
 
 def test_test_groups_refuse_unknown_groups_all_groups_and_the_official_strategy():

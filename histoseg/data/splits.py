@@ -98,12 +98,13 @@ def make_split(
     else:
         g_all = _groups(reader, ids)
         if test_groups is not None:
-            test_groups = [str(g) for g in ([test_groups] if isinstance(test_groups, str) else test_groups)]
-            unknown = sorted(set(test_groups) - set(g_all))
+            # a set: a group named twice must not put its cases twice into the test list
+            test_groups = {str(g) for g in ([test_groups] if isinstance(test_groups, str) else test_groups)}
+            unknown = sorted(test_groups - set(g_all))
             if unknown or not test_groups:
                 raise DataError(f"{reader.name}: split.test_groups {unknown or '[]'} name no group of the data; "
                                 f"its groups are {sorted(g_all)[:20]}{' ...' if len(g_all) > 20 else ''}")
-            if len(set(test_groups)) == len(g_all):
+            if len(test_groups) == len(g_all):
                 raise DataError(f"{reader.name}: split.test_groups takes every group; nothing is left to train on")
         else:
             test_groups, _ = _take(list(g_all), test_fraction, rng)
