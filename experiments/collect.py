@@ -85,6 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", nargs="+", type=seed_label, default=None,
                     help="the training seeds of the runs, in --runs order (for histoseg-eval runs, whose own config "
                          "holds the evaluation's seed, not the checkpoint's); an ensemble's as one label, e.g. 0+1+2")
+    ap.add_argument("--folds", nargs="+", default=None,
+                    help="cross-validation: the held-out group of each run, in --runs order (e.g. Case_10 Case_11); "
+                         "the tables then give the mean ± std over folds")
     a = ap.parse_args(argv)
     folder = Path(__file__).resolve().parent / a.name
     out = folder / (a.out or "results.json")
@@ -95,7 +98,13 @@ def main(argv=None) -> None:
             raise SystemExit(f"--seeds has {len(a.seeds)} values for {len(runs)} runs")
         for r, s in zip(runs, [s for _, s in sorted(zip(a.runs, a.seeds))]):
             r["seed"] = s
+    folds = None
+    if a.folds is not None:
+        if len(a.folds) != len(runs):
+            raise SystemExit(f"--folds has {len(a.folds)} values for {len(runs)} runs")
+        folds = [f for _, f in sorted(zip(a.runs, a.folds))]
     res = dict(old)
+    res.pop("folds", None)
     res.update(
         dataset=a.dataset or old.get("dataset") or a.name,
         split=a.split or old.get("split", "test"),
@@ -104,9 +113,11 @@ def main(argv=None) -> None:
         budget=a.budget,
         seeds=[r["seed"] for r in runs],
         metrics={m: {"per_seed": [round(float(r["metrics"][m]), 6) for r in runs]} for m in a.metrics},
-        runs=[{"dir": str(p), "seed": r["seed"], "n_images": r["n_images"], "timing": r["timing"],
-               "selected_checkpoint": r["selected"], **({"members": r["members"]} if r["members"] else {})}
-              for p, r in zip(sorted(a.runs), runs)],
+        runs=[{"dir": str(p), "seed": r["seed"], **({"fold": folds[i]} if folds else {}), "n_images": r["n_images"],
+               "timing": r["timing"], "selected_checkpoint": r["selected"],
+               **({"members": r["members"]} if r["members"] else {})}
+              for i, (p, r) in enumerate(zip(sorted(a.runs), runs))],
+        **({"folds": folds} if folds else {}),
     )
     folder.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")

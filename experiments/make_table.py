@@ -42,12 +42,17 @@ def load_results(path: Path) -> dict:
     if not isinstance(r["metrics"], dict) or not r["metrics"]:
         raise ResultsError(f"{path}: 'metrics' must be a non-empty object of metric name -> {{per_seed: [...]}}")
     seeds = r.get("seeds")
+    folds = r.get("folds")
+    if folds is not None and (not isinstance(folds, list) or not folds):
+        raise ResultsError(f"{path}: 'folds' must be a non-empty list (the held-out group of each run)")
     for name, m in r["metrics"].items():
         vals = m.get("per_seed") if isinstance(m, dict) else None
         if not isinstance(vals, list) or not vals or not all(isinstance(v, (int, float)) for v in vals):
             raise ResultsError(f"{path}: metrics.{name}.per_seed must be a non-empty list of numbers")
         if seeds is not None and len(seeds) != len(vals):
             raise ResultsError(f"{path}: metrics.{name} has {len(vals)} values for {len(seeds)} seeds")
+        if folds is not None and len(folds) != len(vals):
+            raise ResultsError(f"{path}: metrics.{name} has {len(vals)} values for {len(folds)} folds")
         mean = sum(vals) / len(vals)
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
         for key, computed in (("mean", mean), ("std", std)):
@@ -71,8 +76,10 @@ def _num(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else str(v)
 
 
-def _ours(m: dict) -> str:
-    return f"{m['mean']:.3f} ± {m['std']:.3f} (n={m['n']})" if m["n"] > 1 else f"{m['mean']:.3f} (n=1)"
+def _ours(m: dict, unit: str = "") -> str:
+    """Mean ± sample std and the count; ``unit`` names what the values are when they are not seeds (``folds``)."""
+    n = f"n={m['n']}" + (f" {unit}" if unit else "")
+    return f"{m['mean']:.3f} ± {m['std']:.3f} ({n})" if m["n"] > 1 else f"{m['mean']:.3f} ({n})"
 
 
 def _command(r: dict) -> str:
@@ -91,7 +98,7 @@ def _rows(r: dict, link: bool) -> list[str]:
         name = f"[{r['name']}](experiments/{r['name']}/)" if link else r["name"]
         hit = "" if target is None else (" ✓" if m["mean"] >= target else " ✗")
         cells = [name, r["dataset"]] + ([] if link else [r["split"]]) + [
-            metric, _ours(m), "" if reported is None else _num(reported), "" if target is None else _num(target) + hit]
+            metric, _ours(m, "folds" if r.get("folds") else ""), "" if reported is None else _num(reported), "" if target is None else _num(target) + hit]
         if not link:
             cells += [r["hardware"], r["budget"]]
         out.append("| " + " | ".join(cells) + " |")
@@ -121,8 +128,11 @@ def main_table(results: list[dict]) -> str:
 def experiment_table(r: dict) -> str:
     """One experiment's README section: the table, per-seed values, the command and notes."""
     lines = [HEADER, *_rows(r, link=False), ""]
-    seeds = r.get("seeds")
-    lines.append("Per seed" + (f" (seeds {', '.join(map(str, seeds))})" if seeds else "") + ":")
+    seeds, folds = r.get("seeds"), r.get("folds")
+    if folds:  # cross-validation: one value per held-out group
+        lines.append(f"Per fold (held-out {', '.join(map(str, folds))}):")
+    else:
+        lines.append("Per seed" + (f" (seeds {', '.join(map(str, seeds))})" if seeds else "") + ":")
     lines.append("")
     for metric, m in r["metrics"].items():
         lines.append(f"- {metric}: {', '.join(_num(v) for v in m['per_seed'])}")

@@ -133,3 +133,39 @@ def test_collect_records_an_ensembles_members_and_seed_label(tmp_path):
     single.mkdir()
     (single / "summary.json").write_text(json.dumps({"n_images": 3, "mean": {"dice": 0.9}, "checkpoint": "/x/a.ckpt"}))
     assert collect.run_info(single, ["dice"])["members"] is None
+
+
+def test_cross_validation_folds_are_labelled_as_folds(tmp_path):
+    """A leave-one-case-out result (``folds``: the held-out group of each value) is shown as a mean over folds,
+    with the per-fold values named by their group; a folds list of the wrong length names the file."""
+    res = dict(FIXTURE, seeds=[0, 0, 0], folds=["Case_A", "Case_B", "Case_C"])
+    root = project(tmp_path, {"cv": res})
+    mt.update(root)
+    text = (root / "experiments" / "cv" / "README.md").read_text()
+    assert "0.600 ± 0.100 (n=3 folds)" in text and "(n=3)" not in text
+    assert "Per fold (held-out Case_A, Case_B, Case_C):" in text and "Per seed" not in text
+    assert "(n=3 folds)" in (root / "README.md").read_text()
+    (root / "experiments" / "cv" / "results.json").write_text(json.dumps(dict(res, folds=["Case_A", "Case_B"])))
+    with pytest.raises(mt.ResultsError, match=r"cv/results.json: metrics.dice has 3 values for 2 folds"):
+        mt.update(root)
+
+
+def test_collect_labels_runs_with_their_fold_in_run_order(tmp_path, monkeypatch):
+    """``collect.py --folds``: each label follows its run through the sorting of --runs into results.json."""
+    collect = load_experiment_script("collect")
+    runs = []
+    for case, dice in (("Case_11", 0.6), ("Case_10", 0.5)):  # given out of order
+        run = tmp_path / "loco" / case / "seed_0"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"n_images": 3, "mean": {"dice": dice}}))
+        (run / "config.yaml").write_text("seed: 0\n")
+        runs.append(run)
+    monkeypatch.setattr(collect, "__file__", str(tmp_path / "experiments" / "collect.py"))
+    collect.main(["cv", "--runs", *map(str, runs), "--metrics", "dice", "--hardware", "h", "--budget", "b",
+                  "--command", "c", "--folds", "Case_11", "Case_10"])
+    out = json.loads((tmp_path / "experiments" / "cv" / "results.json").read_text())
+    assert out["folds"] == ["Case_10", "Case_11"] and out["metrics"]["dice"]["per_seed"] == [0.5, 0.6]
+    assert [r["fold"] for r in out["runs"]] == ["Case_10", "Case_11"]
+    with pytest.raises(SystemExit, match="--folds has 1 values for 2 runs"):
+        collect.main(["cv", "--runs", *map(str, runs), "--metrics", "dice", "--hardware", "h", "--budget", "b",
+                      "--command", "c", "--folds", "Case_10"])
