@@ -205,6 +205,19 @@ def extract(archive: Path, dest: Path, strip: int | str = 0) -> None:
         raise DataError(f"{archive}: unknown archive type (expected .zip, .tar, .tar.gz/.tgz, .tar.bz2 or .tar.xz)")
 
 
+def _write_members(dest: Path, plan) -> None:
+    """Write validated archive members: ``plan`` holds ``(path parts, is_dir, open)`` with ``open()`` returning a
+    readable binary file for a file member."""
+    for parts, is_dir, open_member in plan:
+        target = dest.joinpath(*parts)
+        if is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_member() as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+
+
 def _extract_zip(archive: Path, dest: Path, strip) -> None:
     try:
         zf = zipfile.ZipFile(archive)
@@ -221,14 +234,7 @@ def _extract_zip(archive: Path, dest: Path, strip) -> None:
                 raise DataError(f"{archive}: member {info.filename!r} is a link or special file; refusing to extract")
             if parts is not None:
                 plan.append((info, parts))
-        for info, parts in plan:
-            target = dest.joinpath(*parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, CHUNK)
+        _write_members(dest, [(parts, info.is_dir(), lambda i=info: zf.open(i)) for info, parts in plan])
 
 
 def _extract_tar(archive: Path, dest: Path, strip) -> None:
@@ -248,14 +254,10 @@ def _extract_tar(archive: Path, dest: Path, strip) -> None:
                 raise DataError(f"{archive}: member {m.name!r} is a device or special file; refusing to extract")
             if parts is not None:
                 plan.append((m, parts))
-        for m, parts in plan:
-            target = dest.joinpath(*parts)
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+        def reader(m):
             src = tf.extractfile(m)
             if src is None:
                 raise DataError(f"{archive}: cannot read member {m.name!r}")
-            with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, CHUNK)
+            return src
+
+        _write_members(dest, [(parts, m.isdir(), lambda m=m: reader(m)) for m, parts in plan])

@@ -44,41 +44,34 @@ def _iou(inter, at, ap):
     return inter / np.maximum(union, 1e-12), union
 
 
+def _aggregated_jaccard(inter, union, at, ap, rt, rp) -> float:
+    """Sum of the paired objects' intersections over the sum of their unions plus the area of every object left
+    unpaired (true or predicted): the AJI / AJI+ ratio for the pairs ``(rt[k], rp[k])``."""
+    u = union[rt, rp].sum() + at[np.setdiff1d(np.arange(len(at)), rt)].sum()
+    u += ap[np.setdiff1d(np.arange(len(ap)), rp)].sum()
+    return float(inter[rt, rp].sum() / u)
+
+
 def aji(true: np.ndarray, pred: np.ndarray, overlap=None) -> float:
     """Aggregated Jaccard Index (Kumar 2017; HoVer-Net ``get_fast_aji``): each true nucleus is paired with its
     max-IoU prediction (a prediction may serve several); unpaired objects of both maps add to the union."""
     inter, at, ap = overlap if overlap is not None else pairwise_overlap(true, pred)
-    if len(at) == 0 and len(ap) == 0:
-        return 1.0
     if len(at) == 0 or len(ap) == 0:
-        return 0.0
+        return float(len(at) == len(ap))  # both empty: 1, one empty: 0
     iou, union = _iou(inter, at, ap)
-    best = iou.argmax(1)
     paired_t = np.nonzero(iou.max(1) > 0)[0]
-    paired_p = best[paired_t]
-    c = inter[paired_t, paired_p].sum()
-    u = union[paired_t, paired_p].sum()
-    unpaired_t = np.setdiff1d(np.arange(len(at)), paired_t)
-    unpaired_p = np.setdiff1d(np.arange(len(ap)), paired_p)
-    u += at[unpaired_t].sum() + ap[unpaired_p].sum()
-    return float(c / u)
+    return _aggregated_jaccard(inter, union, at, ap, paired_t, iou.argmax(1)[paired_t])
 
 
 def aji_plus(true: np.ndarray, pred: np.ndarray, overlap=None) -> float:
     """AJI+ (HoVer-Net): one-to-one pairing by maximum total IoU (Hungarian), so no prediction is over-counted."""
     inter, at, ap = overlap if overlap is not None else pairwise_overlap(true, pred)
-    if len(at) == 0 and len(ap) == 0:
-        return 1.0
     if len(at) == 0 or len(ap) == 0:
-        return 0.0
+        return float(len(at) == len(ap))
     iou, union = _iou(inter, at, ap)
     rt, rp = linear_sum_assignment(-iou)
     keep = iou[rt, rp] > 0
-    rt, rp = rt[keep], rp[keep]
-    c = inter[rt, rp].sum()
-    u = union[rt, rp].sum()
-    u += at[np.setdiff1d(np.arange(len(at)), rt)].sum() + ap[np.setdiff1d(np.arange(len(ap)), rp)].sum()
-    return float(c / u)
+    return _aggregated_jaccard(inter, union, at, ap, rt[keep], rp[keep])
 
 
 def panoptic_quality(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5, overlap=None) -> dict[str, float]:
