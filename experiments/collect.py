@@ -51,6 +51,13 @@ def seed_label(v: str) -> int | str:
     return int(v) if v.lstrip("-").isdigit() else v
 
 
+def in_run_order(labels: list, runs: list[Path], flag: str) -> list:
+    """Per-run labels given in the order of ``--runs``, reordered as the runs are processed (sorted by path)."""
+    if len(labels) != len(runs):
+        raise SystemExit(f"{flag} has {len(labels)} values for {len(runs)} runs")
+    return [lab for _, lab in sorted(zip(runs, labels))]
+
+
 def selected_checkpoint(run: Path) -> dict | None:
     """The best checkpoint's epoch (``checkpoints/epoch_NNN.ckpt``) and, where the run logged ``time/fit_min``
     (histoseg's WallClock callback), the wall-clock minutes of fitting after which it existed."""
@@ -94,15 +101,9 @@ def main(argv=None) -> None:
     old = json.loads(out.read_text()) if out.is_file() else {}
     runs = [run_info(r, a.metrics) for r in sorted(a.runs)]
     if a.seeds is not None:
-        if len(a.seeds) != len(runs):
-            raise SystemExit(f"--seeds has {len(a.seeds)} values for {len(runs)} runs")
-        for r, s in zip(runs, [s for _, s in sorted(zip(a.runs, a.seeds))]):
+        for r, s in zip(runs, in_run_order(a.seeds, a.runs, "--seeds")):
             r["seed"] = s
-    folds = None
-    if a.folds is not None:
-        if len(a.folds) != len(runs):
-            raise SystemExit(f"--folds has {len(a.folds)} values for {len(runs)} runs")
-        folds = [f for _, f in sorted(zip(a.runs, a.folds))]
+    folds = in_run_order(a.folds, a.runs, "--folds") if a.folds is not None else None
     res = dict(old)
     res.pop("folds", None)
     res.update(
@@ -113,10 +114,10 @@ def main(argv=None) -> None:
         budget=a.budget,
         seeds=[r["seed"] for r in runs],
         metrics={m: {"per_seed": [round(float(r["metrics"][m]), 6) for r in runs]} for m in a.metrics},
-        runs=[{"dir": str(p), "seed": r["seed"], **({"fold": folds[i]} if folds else {}), "n_images": r["n_images"],
+        runs=[{"dir": str(p), "seed": r["seed"], **({"fold": f} if folds else {}), "n_images": r["n_images"],
                "timing": r["timing"], "selected_checkpoint": r["selected"],
                **({"members": r["members"]} if r["members"] else {})}
-              for i, (p, r) in enumerate(zip(sorted(a.runs), runs))],
+              for p, r, f in zip(sorted(a.runs), runs, folds or [None] * len(runs))],
         **({"folds": folds} if folds else {}),
     )
     folder.mkdir(parents=True, exist_ok=True)

@@ -205,16 +205,16 @@ def extract(archive: Path, dest: Path, strip: int | str = 0) -> None:
         raise DataError(f"{archive}: unknown archive type (expected .zip, .tar, .tar.gz/.tgz, .tar.bz2 or .tar.xz)")
 
 
-def _write_members(dest: Path, plan) -> None:
-    """Write validated archive members: ``plan`` holds ``(path parts, is_dir, open)`` with ``open()`` returning a
-    readable binary file for a file member."""
-    for parts, is_dir, open_member in plan:
+def _write_members(dest: Path, plan, open_member) -> None:
+    """Write validated archive members: ``plan`` holds ``(member, path parts, is_dir)``; ``open_member(member)``
+    returns a readable binary file for a file member."""
+    for member, parts, is_dir in plan:
         target = dest.joinpath(*parts)
         if is_dir:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open_member() as src, open(target, "wb") as out:
+        with open_member(member) as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
 
 
@@ -233,8 +233,8 @@ def _extract_zip(archive: Path, dest: Path, strip) -> None:
             if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise DataError(f"{archive}: member {info.filename!r} is a link or special file; refusing to extract")
             if parts is not None:
-                plan.append((info, parts))
-        _write_members(dest, [(parts, info.is_dir(), lambda i=info: zf.open(i)) for info, parts in plan])
+                plan.append((info, parts, info.is_dir()))
+        _write_members(dest, plan, zf.open)
 
 
 def _extract_tar(archive: Path, dest: Path, strip) -> None:
@@ -253,11 +253,12 @@ def _extract_tar(archive: Path, dest: Path, strip) -> None:
             if not (m.isfile() or m.isdir()):
                 raise DataError(f"{archive}: member {m.name!r} is a device or special file; refusing to extract")
             if parts is not None:
-                plan.append((m, parts))
+                plan.append((m, parts, m.isdir()))
+
         def reader(m):
             src = tf.extractfile(m)
             if src is None:
                 raise DataError(f"{archive}: cannot read member {m.name!r}")
             return src
 
-        _write_members(dest, [(parts, m.isdir(), lambda m=m: reader(m)) for m, parts in plan])
+        _write_members(dest, plan, reader)
