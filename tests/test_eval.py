@@ -105,10 +105,14 @@ def test_training_writes_curves_figure(trained):
 
 
 def test_checkpoint_stores_the_training_dataset_for_predict_and_eval(trained):
+    from histoseg.data.stain import check_reference
     from histoseg.models.loading import load_checkpoint
 
     ckpt = load_checkpoint(trained["ckpt"])  # weights_only=True
-    assert ckpt["histoseg"]["dataset"] == {"name": "synthetic", "mpp": 0.5, "class_names": ["background", "nucleus"]}
+    info = dict(ckpt["histoseg"]["dataset"])
+    ref = check_reference(info.pop("stain_ref"))  # the training images' colours, for inference.stain_norm
+    assert info == {"name": "synthetic", "mpp": 0.5, "class_names": ["background", "nucleus"]}
+    assert ref["pixels"] > 0 and 0 < ref["mean"][0] < 100
     assert ckpt["HistoDataModule"]["split"]["test"] == ["syn-test-0000", "syn-test-0001", "syn-test-0002"]
 
 
@@ -126,3 +130,31 @@ def test_eval_command_defaults_to_the_checkpoints_own_dataset(trained, tmp_path)
     bad.write_bytes(b"junk")
     assert dataset_from_checkpoint([f"ckpt_path={bad}"]) is None
     assert dataset_from_checkpoint([f"ckpt_path={tmp_path / 'missing.ckpt'}"]) is None
+
+
+def test_eval_stain_norm_computes_a_missing_reference_from_the_checkpoints_training_split(trained, tmp_path):
+    """``inference.stain_norm=reinhard`` on a checkpoint from before references were stored: histoseg-eval
+    recomputes it from the checkpoint's own training images (equal to what training stores), scores the same as
+    with the stored one, and records it in summary.json for ``stain_ref_from``."""
+    import torch
+
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    stored = ckpt["histoseg"]["dataset"].pop("stain_ref")
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    quiet = ["inference.stain_norm=reinhard", "callbacks.figures.max_panels=0", "callbacks.figures.overlays=false"]
+    m_old, _ = evaluate(eval_cfg(tmp_path / "old", f"ckpt_path={old}", *quiet))
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    assert summary["inference"]["stain_norm"] == "reinhard"
+    assert summary["stain_ref"]["mean"] == pytest.approx(stored["mean"], abs=1e-9)
+    assert summary["stain_ref"]["std"] == pytest.approx(stored["std"], abs=1e-9)
+    m_new, _ = evaluate(eval_cfg(tmp_path / "new", f"ckpt_path={trained['ckpt']}", *quiet))
+    m_from, _ = evaluate(eval_cfg(tmp_path / "from", f"ckpt_path={old}", "use_checkpoint_split=false",
+                                  f"stain_ref_from={tmp_path / 'old' / 'summary.json'}", *quiet))
+    for k in ("test/dice", "test/aji"):
+        assert float(m_new[k]) == pytest.approx(float(m_old[k]), abs=1e-9)
+        assert float(m_from[k]) == pytest.approx(float(m_old[k]), abs=1e-9)
+    with pytest.raises(ConfigError, match="stores no stain reference.*stain_ref_from"):
+        evaluate(eval_cfg(tmp_path / "none", f"ckpt_path={old}", "use_checkpoint_split=false", *quiet))
+    with pytest.raises(ConfigError, match="stain_norm='macenko' is not"):
+        evaluate(eval_cfg(tmp_path / "bad", f"ckpt_path={old}", "inference.stain_norm=macenko"))

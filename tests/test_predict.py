@@ -94,6 +94,35 @@ def test_morphometry_report_has_the_known_answers(tmp_path, binary_ckpt):
     assert (mask[green] > 0).all()
 
 
+def test_stain_norm_moves_a_pale_image_to_the_reference_colours(tmp_path, binary_ckpt):
+    """A faintly stained copy of an image: the model (dark = nucleus) misses every nucleus; with
+    ``inference.stain_norm=reinhard`` and the well-stained image's statistics as the reference it finds them."""
+    import json
+
+    from histoseg.data.stain import reinhard_reference
+
+    centres, r = [(30, 40), (65, 110)], 10
+    well = nuclei_image(centres, r)
+    pale = well.copy()
+    pale[(well == PURPLE).all(-1)] = (165, 140, 200)
+    pale[(well == PINK).all(-1)] = (246, 226, 240)
+    write_image(tmp_path / "in" / "pale.png", pale)
+    (tmp_path / "ref.json").write_text(json.dumps(reinhard_reference([well])))
+    predict(predict_cfg(tmp_path, binary_ckpt, tmp_path / "in"))
+    assert int(read_report(tmp_path / "out" / "report.csv")[0]["nuclei_count"]) == 0
+    with pytest.raises(ConfigError, match="stores no stain reference.*stain_ref_from"):
+        predict(predict_cfg(tmp_path, binary_ckpt, tmp_path / "in", "inference.stain_norm=reinhard"))
+    predict(predict_cfg(tmp_path, binary_ckpt, tmp_path / "in", "inference.stain_norm=reinhard",
+                        f"stain_ref_from={tmp_path / 'ref.json'}"))
+    assert int(read_report(tmp_path / "out" / "report.csv")[0]["nuclei_count"]) == 2
+    mask = cv2.imread(str(tmp_path / "out" / "masks" / "pale.png"), cv2.IMREAD_UNCHANGED)
+    assert ((mask > 0) == (well == PURPLE).all(-1)).mean() > 0.99
+    (tmp_path / "bad.json").write_text(json.dumps({"stain_ref": {"method": "reinhard", "mean": [1, 2, 3]}}))
+    with pytest.raises(ConfigError, match=r"stain_ref_from=.*bad\.json: .*'std'"):
+        predict(predict_cfg(tmp_path, binary_ckpt, tmp_path / "in", "inference.stain_norm=reinhard",
+                            f"stain_ref_from={tmp_path / 'bad.json'}"))
+
+
 def test_mpp_option_overrides_and_is_required_when_the_checkpoint_has_none(tmp_path):
     ckpt = write_checkpoint(tmp_path / "nompp.ckpt", 2, dark_is_nucleus, {"instances": "connected"}, mpp=None)
     write_image(tmp_path / "x.png", nuclei_image([(50, 50)], 8))

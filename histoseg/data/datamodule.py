@@ -292,6 +292,19 @@ class HistoDataModule(L.LightningDataModule):
             counts += np.bincount(s.mask.ravel(), minlength=self.num_classes)[: self.num_classes]
         return counts
 
+    def stain_reference(self) -> dict | None:
+        """The training images' colour statistics (:func:`histoseg.data.stain.reinhard_reference`), or ``None``
+        when the images are not RGB: the reference ``inference.stain_norm`` normalises whole images to."""
+        from histoseg.data.stain import reinhard_reference
+
+        images = [s.image for s in self._read(self.train_ids())]
+        if not images or any(im.ndim != 3 or im.shape[2] != 3 for im in images):
+            return None
+        ref = reinhard_reference(images)
+        log.info("stain reference (L*a*b* mean %s, std %s) from %d training images of %s",
+                 np.round(ref["mean"], 2).tolist(), np.round(ref["std"], 2).tolist(), len(images), self.name)
+        return ref
+
     def state_dict(self) -> dict:
         return {"split": self.split}
 

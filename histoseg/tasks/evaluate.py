@@ -15,7 +15,12 @@ import torch
 from omegaconf import DictConfig
 
 from histoseg.data.splits import save_split
-from histoseg.tasks.restore import checkpoint_paths, postprocess_overrides, restore_models
+from histoseg.tasks.restore import (
+    checkpoint_paths,
+    postprocess_overrides,
+    resolve_stain_reference,
+    restore_models,
+)
 from histoseg.tasks.utils import (
     ConfigError,
     build,
@@ -62,6 +67,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
                           f"post-processing here is instances={task.postprocess.instances!r}")
     split_from = use_training_split(cfg, task, ckpts[0], datamodule, paths[0])
     datamodule.prepare_data()
+    # the training images' colours (a checkpoint from before they were stored: from its stored training split)
+    stain_ref = resolve_stain_reference(
+        task, cfg, compute=(datamodule.stain_reference if split_from == "checkpoint" else None))
     loader = datamodule.eval_dataloader(cfg.split)
     check_members_held_out(paths, ckpts, datamodule, cfg.split, tuning)
     save_split(datamodule.split, out / "split.json", {"dataset": datamodule.name, "source": split_from})
@@ -70,6 +78,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         "checkpoint": resolved[0] if len(paths) == 1 else resolved, "dataset": datamodule.name, "split": cfg.split,
         "split_source": split_from, "weights": weights,
     }
+    if stain_ref is not None:  # summary.json records it: stain_ref_from=<summary.json> for predict / other data
+        task.report_meta["stain_ref"] = stain_ref
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))

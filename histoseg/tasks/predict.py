@@ -40,7 +40,13 @@ from histoseg.analysis.morphometry import NUCLEI_KEYS, cellularity, nuclei_stats
 from histoseg.analysis.palette import colorize
 from histoseg.data.io import DataError, atomic_write_bytes, atomic_write_text, read_image, write_image
 from histoseg.models.loading import load_task
-from histoseg.tasks.restore import checkpoint_paths, postprocess_overrides, resolve_device, restore_models
+from histoseg.tasks.restore import (
+    checkpoint_paths,
+    postprocess_overrides,
+    resolve_device,
+    resolve_stain_reference,
+    restore_models,
+)
 from histoseg.tasks.utils import ConfigError, check_mandatory, task_wrapper, write_run_metadata
 from histoseg.utils.logging import get_logger
 
@@ -240,6 +246,10 @@ def predict(cfg: DictConfig) -> tuple[dict, dict]:
     ckpts = checkpoint_paths(cfg.ckpt_path)  # several: an ensemble (raw outputs averaged)
     task, _ = restore_models(ckpts, cfg.inference, postprocess_overrides(cfg), device="cpu",
                              weights=cfg.get("weights", "averaged"))
+    if resolve_stain_reference(task, cfg) is not None and any(slides):
+        raise ConfigError(f"inference.stain_norm={task.inference['stain_norm']} normalises whole images by their own "
+                          f"colour statistics, which is not implemented for whole slides ({sum(slides)} in "
+                          f"input={cfg.input}); predict them with inference.stain_norm=null")
     mpp = resolve_mpp(cfg.mpp, task, ckpts[0]) if not all(slides) else None
     if task.num_classes == 4:
         try:

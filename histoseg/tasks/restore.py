@@ -49,6 +49,51 @@ def postprocess_overrides(cfg: DictConfig) -> dict:
     return {**base, **over}
 
 
+def resolve_stain_reference(task, cfg: DictConfig, compute=None) -> dict | None:
+    """Give ``task`` the stain reference ``inference.stain_norm`` needs; returns it (``None`` when normalisation
+    is off).
+
+    In order: ``stain_ref_from`` (a ``summary.json`` written by ``histoseg-eval``, or a JSON file holding the
+    reference itself), the checkpoint's own (``data_info['stain_ref']``), else ``compute()`` (``histoseg-eval``:
+    from the checkpoint's training images, for checkpoints trained before the reference was stored).
+    """
+    from histoseg.data.stain import check_method, check_reference
+
+    method = task.inference.get("stain_norm")
+    if not method:
+        return None
+    try:
+        check_method(method)
+    except ValueError as e:
+        raise ConfigError(f"inference.{e}") from None
+    src = cfg.get("stain_ref_from")
+    if src:
+        p = Path(str(src))
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"stain_ref_from={p}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stain_ref_from={p}: not a JSON file ({e})") from None
+        ref = d.get("stain_ref", d) if isinstance(d, dict) else d
+        try:
+            ref = check_reference(ref)
+        except ValueError as e:
+            raise ConfigError(f"stain_ref_from={p}: {e}") from None
+        task.data_info["stain_ref"] = ref
+        log.info("stain reference from %s", p)
+    elif task.data_info.get("stain_ref") is None:
+        ref = compute() if compute is not None else None
+        if ref is None:
+            raise ConfigError(
+                f"inference.stain_norm={method}: the checkpoint stores no stain reference (it predates them) and "
+                "none can be computed here; run histoseg-eval on the checkpoint's training dataset once (it computes "
+                "the reference from the training split and writes it to summary.json), then pass "
+                "stain_ref_from=<that summary.json>")
+        task.data_info["stain_ref"] = ref
+    return task.data_info["stain_ref"]
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":

@@ -43,7 +43,9 @@ class SegmentationTask(L.LightningModule):
         num_classes: classes including background (2 = binary).
         in_channels: input channels.
         scheduler_interval: ``epoch`` or ``step``.
-        inference: tiled inference settings for val/test (tile_shape, overlap, batch_size, tta, blend).
+        inference: tiled inference settings for val/test (tile_shape, overlap, batch_size, tta, blend, and
+            ``stain_norm``: null or ``reinhard``, whole images moved to the training images' colour statistics
+            ``data_info['stain_ref']`` before tiling, see :mod:`histoseg.data.stain`).
         postprocess: a :class:`PostProcessor` (instances for AJI/PQ at test time).
         channels_last / compile: speed options (``torch.compile`` wraps the forward, weights stay plain).
         gpu_aug: batch augmentation applied to training batches on the device at the start of the training
@@ -51,7 +53,7 @@ class SegmentationTask(L.LightningModule):
         report_dir: where test writes ``per_image.csv`` / ``summary.json`` (default: the logger's dir).
         model_config: resolved config stored in checkpoints (set by ``histoseg.tasks.train``).
 
-    ``data_info`` (dataset ``name``, ``mpp``, ``class_names``) is taken from the trainer's datamodule at
+    ``data_info`` (dataset ``name``, ``mpp``, ``class_names``, ``stain_ref``) is taken from the trainer's datamodule at
     setup and stored in checkpoints, so prediction knows the pixel size and evaluation the training split.
     """
 
@@ -156,6 +158,9 @@ class SegmentationTask(L.LightningModule):
         if stage == "fit" and dm is not None and hasattr(dm, "class_names"):
             self.data_info = {"name": getattr(dm, "name", None), "mpp": getattr(dm, "mpp", None),
                               "class_names": list(dm.class_names)}
+            ref = dm.stain_reference() if hasattr(dm, "stain_reference") else None
+            if ref is not None:  # stored in checkpoints: inference.stain_norm can be switched on later
+                self.data_info["stain_ref"] = ref
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.compile_net and self._fwd is None:
@@ -190,6 +195,7 @@ class SegmentationTask(L.LightningModule):
             autocast = cfg.get("autocast")
             if autocast is None and self._trainer is not None and "bf16" in str(self._trainer.precision):
                 autocast = "bf16"
+            image = self.normalize_stain(image, cfg.get("stain_norm"))
             return tiled_predict(
                 image,
                 with_tta(self, cfg.get("tta")),
@@ -202,6 +208,25 @@ class SegmentationTask(L.LightningModule):
             )
         finally:
             self.train(was_training)
+
+    def normalize_stain(self, image: torch.Tensor, method: str | None) -> torch.Tensor:
+        """``image`` (3xHxW in [0, 1]) moved to the training images' colour statistics (``inference.stain_norm``,
+        :mod:`histoseg.data.stain`); unchanged when ``method`` is null."""
+        if not method:
+            return image
+        from histoseg.data.stain import check_method, reinhard_normalize
+
+        check_method(method)
+        ref = self.data_info.get("stain_ref")
+        if ref is None:
+            raise ValueError(
+                f"inference.stain_norm={method} but this model stores no stain reference (the training images' colour "
+                "statistics, kept in checkpoints trained since stain normalisation landed): histoseg-eval computes it "
+                "from the checkpoint's training split and writes it to summary.json; pass that file as "
+                "stain_ref_from=<summary.json>")
+        arr = image.detach().float().cpu().permute(1, 2, 0).numpy()
+        out = torch.from_numpy(np.ascontiguousarray(reinhard_normalize(arr, ref).transpose(2, 0, 1)))
+        return out.to(device=image.device, dtype=image.dtype)
 
     @torch.no_grad()
     def predict_image(self, image, **overrides) -> dict:
