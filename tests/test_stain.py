@@ -127,3 +127,32 @@ def test_task_normalises_whole_images_before_tiling():
     np.testing.assert_allclose(seen[-1][0].permute(1, 2, 0).numpy(), want, atol=1e-5)
     task.predict_logits(x, stain_norm=None)  # off: the image as it is
     np.testing.assert_allclose(seen[-1][0].numpy(), x.numpy(), atol=1e-6)
+
+
+def test_training_images_are_normalised_like_inference_images(tmp_path):
+    """``inference.stain_norm=reinhard`` also normalises the training images (whole, before patches), to the same
+    reference the task gets; validation images stay as read (the task normalises them); ``stain_norm_train=false``
+    keeps the training images as read; a patch store cannot be combined."""
+    from histoseg.tasks.train import build_datamodule
+    from tests.conftest import compose_cfg
+
+    data = ["dataset=synthetic", "dataset.reader.n_train=3", "dataset.reader.n_val=1", "dataset.reader.n_test=1",
+            "dataset.reader.image_shape=[96,96]"]
+    dm = build_datamodule(compose_cfg(tmp_path, *data, "inference.stain_norm=reinhard"))
+    dm.setup("fit")
+    ref = dm.stain_reference()
+    raw = [dm.reader.read(c).image for c in dm.train_ids()]
+    assert ref == reinhard_reference(raw)  # of the images as read
+    for s, r in zip(dm.train_set.source.samples, raw):
+        np.testing.assert_array_equal(s.image, reinhard_normalize(r, ref))
+        np.testing.assert_allclose(lab_stats(s.image)[0], ref["mean"], atol=1.0)
+    np.testing.assert_array_equal(dm.val_set.samples[0].image, dm.reader.read(dm.resolve_split()["val"][0]).image)
+
+    off = build_datamodule(compose_cfg(tmp_path, *data, "inference.stain_norm=reinhard",
+                                       "inference.stain_norm_train=false"))
+    off.setup("fit")
+    for s, r in zip(off.train_set.source.samples, raw):
+        np.testing.assert_array_equal(s.image, r)
+    with pytest.raises(ValueError, match="stain_norm=reinhard normalises whole training images.*patch_store"):
+        build_datamodule(compose_cfg(tmp_path, *data, "inference.stain_norm=reinhard",
+                                     "+dataset.patch_store={path: x.h5}"))

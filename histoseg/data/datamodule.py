@@ -63,6 +63,11 @@ class HistoDataModule(L.LightningDataModule):
         limit_train: train on at most this many images of the training split (``None`` = all; quick checks
             of a large dataset, e.g. ``dataset.limit_train=2 trainer=debug``).
         limit_val / limit_test: use at most this many whole images (``None`` = all).
+        stain_norm: ``None`` or ``reinhard``: normalise each training image (whole, before patches are drawn) to the
+            training images' pooled colour statistics (:meth:`stain_reference`), the reference the task applies
+            to whole images at inference with ``inference.stain_norm`` (``histoseg.tasks.train`` passes that value
+            unless ``inference.stain_norm_train=false``). Validation / test images stay as read: the task
+            normalises them.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class HistoDataModule(L.LightningDataModule):
         limit_test: int | None = None,
         mpp: float | None = None,
         limit_train: int | None = None,
+        stain_norm: str | None = None,
     ):
         super().__init__()
         self.reader, self.name = reader, name
@@ -109,6 +115,15 @@ class HistoDataModule(L.LightningDataModule):
         self.pad, self.patch_store_cfg = int(pad), patch_store
         self.download, self.limit_val, self.limit_test = bool(download), limit_val, limit_test
         self.limit_train = limit_train
+        if stain_norm:
+            from histoseg.data.stain import check_method
+
+            check_method(stain_norm)
+            if patch_store:
+                raise ValueError(f"dataset {name!r}: stain_norm={stain_norm} normalises whole training images, which "
+                                 "a patch_store (patches cut once, in prepare_data) does not see; use one or the other")
+        self.stain_norm = stain_norm or None
+        self._stain_ref: dict | None = None
         self.split: dict[str, list[str]] | None = None
         self._cache: dict[str, Sample] = {}
         self.train_set = self.val_set = self.test_set = None
@@ -170,6 +185,8 @@ class HistoDataModule(L.LightningDataModule):
         self.reader.check(split["train"] + split["val"] + split["test"])
         if stage in (None, "fit") and self.train_set is None:
             train = [self._copy(s) for s in self._read(self.train_ids())]
+            if self.stain_norm:
+                train = self._normalise_stain(train)
             self._check_samples(train, "train")
             source = self._train_source(train)
             self.train_set = PatchDataset(
@@ -292,15 +309,29 @@ class HistoDataModule(L.LightningDataModule):
             counts += np.bincount(s.mask.ravel(), minlength=self.num_classes)[: self.num_classes]
         return counts
 
+    def _normalise_stain(self, train: list[Sample]) -> list[Sample]:
+        from histoseg.data.stain import reinhard_normalize
+
+        ref = self.stain_reference()
+        if ref is None:
+            raise DataError(f"dataset {self.name!r}: stain_norm={self.stain_norm} needs RGB training images")
+        for s in train:  # copies: the cached samples keep the images as read
+            s.image = reinhard_normalize(s.image, ref)
+        log.info("%d training images normalised (%s) to the training set's colour statistics", len(train),
+                 self.stain_norm)
+        return train
+
     def stain_reference(self) -> dict | None:
-        """The training images' colour statistics (:func:`histoseg.data.stain.reinhard_reference`), or ``None``
-        when the images are not RGB: the reference ``inference.stain_norm`` normalises whole images to."""
+        """The training images' colour statistics (:func:`histoseg.data.stain.reinhard_reference`, of the images as
+        read), or ``None`` when they are not RGB: the reference ``inference.stain_norm`` normalises whole images to."""
+        if self._stain_ref is not None:
+            return self._stain_ref
         from histoseg.data.stain import reinhard_reference
 
         images = [s.image for s in self._read(self.train_ids())]
         if not images or any(im.ndim != 3 or im.shape[2] != 3 for im in images):
             return None
-        ref = reinhard_reference(images)
+        ref = self._stain_ref = reinhard_reference(images)
         log.info("stain reference (L*a*b* mean %s, std %s) from %d training images of %s",
                  np.round(ref["mean"], 2).tolist(), np.round(ref["std"], 2).tolist(), len(images), self.name)
         return ref

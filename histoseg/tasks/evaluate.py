@@ -68,7 +68,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
     split_from = use_training_split(cfg, task, ckpts[0], datamodule, paths[0])
     datamodule.prepare_data()
     # the training images' colours (a checkpoint from before they were stored: from its stored training split)
-    stain_ref = resolve_stain_reference(
+    resolve_stain_reference(  # summary.json records it: stain_ref_from=<summary.json> for predict / other data
         task, cfg, compute=(datamodule.stain_reference if split_from == "checkpoint" else None))
     loader = datamodule.eval_dataloader(cfg.split)
     check_members_held_out(paths, ckpts, datamodule, cfg.split, tuning)
@@ -78,8 +78,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         "checkpoint": resolved[0] if len(paths) == 1 else resolved, "dataset": datamodule.name, "split": cfg.split,
         "split_source": split_from, "weights": weights,
     }
-    if stain_ref is not None:  # summary.json records it: stain_ref_from=<summary.json> for predict / other data
-        task.report_meta["stain_ref"] = stain_ref
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))

@@ -29,7 +29,11 @@ log = get_logger(__name__)
 def build_datamodule(cfg: DictConfig):
     aug = build(cfg.aug, "aug") if cfg.get("aug") else None
     targets = build(cfg.target, "target") if cfg.get("target") else None
-    return build(cfg.dataset, "dataset", aug=aug, targets=targets)
+    extra = {}
+    inf = cfg.get("inference") or {}
+    if inf.get("stain_norm") and inf.get("stain_norm_train", True):  # train on what inference will see
+        extra["stain_norm"] = inf.stain_norm
+    return build(cfg.dataset, "dataset", aug=aug, targets=targets, **extra)
 
 
 def build_task(cfg: DictConfig, datamodule=None):

@@ -346,8 +346,10 @@ class SegmentationTask(L.LightningModule):
         return {"labels": post["labels"], "instances": post["instances"], "scores": row}  # for figure callbacks
 
     def on_test_epoch_end(self) -> None:
-        finish_test(self, self.test_rows, {"postprocess": self.postprocess.config(), "inference": self.inference,
-                                           **self.report_meta})
+        extra = {"postprocess": self.postprocess.config(), "inference": self.inference, **self.report_meta}
+        if self.inference.get("stain_norm"):  # the reference used (stain_ref_from=<summary.json> reuses it)
+            extra["stain_ref"] = self.data_info.get("stain_ref")
+        finish_test(self, self.test_rows, extra)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
