@@ -117,6 +117,10 @@ def test_stain_norm_moves_a_pale_image_to_the_reference_colours(tmp_path, binary
     assert int(read_report(tmp_path / "out" / "report.csv")[0]["nuclei_count"]) == 2
     mask = cv2.imread(str(tmp_path / "out" / "masks" / "pale.png"), cv2.IMREAD_UNCHANGED)
     assert ((mask > 0) == (well == PURPLE).all(-1)).mean() > 0.99
+    (tmp_path / "in" / "slide.svs").write_bytes(b"a slide by its extension")
+    with pytest.raises(ConfigError, match=r"not implemented for whole slides \(1 in input="):
+        predict(predict_cfg(tmp_path, binary_ckpt, tmp_path / "in", "inference.stain_norm=reinhard",
+                            f"stain_ref_from={tmp_path / 'ref.json'}"))
     (tmp_path / "bad.json").write_text(json.dumps({"stain_ref": {"method": "reinhard", "mean": [1, 2, 3]}}))
     with pytest.raises(ConfigError, match=r"stain_ref_from=.*bad\.json: .*'std'"):
         predict(predict_cfg(tmp_path, binary_ckpt, tmp_path / "in", "inference.stain_norm=reinhard",
