@@ -45,9 +45,14 @@ def to_lab(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(_as_float_rgb(image), cv2.COLOR_RGB2Lab)
 
 
+def _lab_pixels(image: np.ndarray, step: int) -> np.ndarray:
+    """``(N, 3)`` float64 L*a*b* values of every ``step``-th pixel per axis."""
+    return to_lab(image[::step, ::step]).reshape(-1, 3).astype(np.float64)
+
+
 def lab_stats(image: np.ndarray, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel L*a*b* mean and standard deviation of an image (every ``step``-th pixel per axis)."""
-    lab = to_lab(image[::step, ::step]).reshape(-1, 3).astype(np.float64)
+    lab = _lab_pixels(image, step)
     return lab.mean(0), lab.std(0)
 
 
@@ -56,7 +61,7 @@ def reinhard_reference(images: Iterable[np.ndarray], step: int = 4) -> dict:
     (every ``step``-th pixel per axis), so large images weigh more than small ones."""
     n, s, ss = 0, np.zeros(3), np.zeros(3)
     for im in images:
-        lab = to_lab(im[::step, ::step]).reshape(-1, 3).astype(np.float64)
+        lab = _lab_pixels(im, step)
         n += len(lab)
         s += lab.sum(0)
         ss += np.square(lab).sum(0)

@@ -24,6 +24,17 @@ def non_null(node: DictConfig | dict | None) -> dict:
     return {k: v for k, v in plain_dict(node).items() if v is not None}
 
 
+def read_json_option(key: str, value) -> tuple[Path, object]:
+    """``(path, parsed JSON)`` of a file given as config option ``key`` (errors name the option and the file)."""
+    p = Path(str(value))
+    if not p.is_file():
+        raise ConfigError(f"{key}={p}: no such file")
+    try:
+        return p, json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={p}: not a JSON file ({e})") from None
+
+
 def postprocess_overrides(cfg: DictConfig) -> dict:
     """The post-processing overrides of an eval / predict config: ``postprocess.*`` (its set keys) on top of the
     settings in ``postprocess_from``, a file written by ``histoseg-eval``: its ``summary.json`` (the settings it
@@ -33,13 +44,7 @@ def postprocess_overrides(cfg: DictConfig) -> dict:
     src = cfg.get("postprocess_from")
     if not src:
         return over
-    p = Path(str(src))
-    if not p.is_file():
-        raise ConfigError(f"postprocess_from={p}: no such file")
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"postprocess_from={p}: not a JSON file ({e})") from None
+    p, d = read_json_option("postprocess_from", src)
     base = d.get("postprocess") if isinstance(d, dict) else None
     if not isinstance(base, dict):
         base = d.get("best") if isinstance(d, dict) else None
@@ -68,13 +73,7 @@ def resolve_stain_reference(task, cfg: DictConfig, compute=None) -> dict | None:
         raise ConfigError(f"inference.{e}") from None
     src = cfg.get("stain_ref_from")
     if src:
-        p = Path(str(src))
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"stain_ref_from={p}: no such file") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"stain_ref_from={p}: not a JSON file ({e})") from None
+        p, d = read_json_option("stain_ref_from", src)
         ref = d.get("stain_ref", d) if isinstance(d, dict) else d
         try:
             ref = check_reference(ref)
