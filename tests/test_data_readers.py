@@ -269,6 +269,10 @@ def test_fast_dev_run_on_real_data(make_cfg, data_dir, name):
     assert len(obj["datamodule"].train_ids()) == min(2, len(obj["datamodule"].split["train"]))
     assert 0.0 <= float(metrics["val/dice"]) <= 1.0 and 0.0 <= float(metrics["test/dice"]) <= 1.0
     assert obj["datamodule"].num_classes == obj["model"].num_classes == EXPECT[name][0]
+    # centre-point annotations (BreCaHAD) are also scored as detections; the other sets have no points
+    assert ("test/det_f1" in metrics) == (name == "brecahad")
+    if name == "brecahad":
+        assert 0.0 <= float(metrics["test/det_f1"]) <= 1.0 and float(metrics["test/det_n_points"]) > 0
 
 
 def test_split_follows_the_seed_unless_its_own_seed_is_fixed(make_cfg, data_dir):

@@ -188,6 +188,9 @@ class WholeImageDataset(Dataset):
         }
         if s.instances is not None:
             item["instances"] = torch.from_numpy(s.instances.astype(np.int32))
+        if s.meta.get("nucleus_points") is not None:  # centre-point annotations: scored by detection metrics
+            item["points"] = torch.as_tensor(np.asarray(s.meta["nucleus_points"], np.float32).reshape(-1, 2))
+            item["point_radius"] = float(s.meta["point_radius"])
         if padding:
             item["padding"] = True  # a DDP filler (see ShardSampler): run, but do not score
         return item

@@ -177,7 +177,11 @@ class BreCaHADReader(Reader):
         mask, inst = draw_discs(image.shape[:2], centres, self.radius, self.method)
         return Sample(
             image=image, mask=mask, instances=inst, case_id=case_id, group=self.group_of(case_id),
-            source=str(img_path), meta={"points": pts, "annotation": str(js)},
+            source=str(img_path),
+            # nucleus_points / point_radius: the detection metrics (histoseg.metrics.points) match predicted
+            # nuclei to the annotated nuclei within the disc radius
+            meta={"points": pts, "annotation": str(js), "point_radius": float(self.radius),
+                  "nucleus_points": np.concatenate([pts[c] for c in PRIORITY if c in self.binary_classes] or [np.zeros((0, 2))]).reshape(-1, 2)},
         )
 
 

@@ -5,7 +5,8 @@
 * loss, optimizer and scheduler are objects built from config (``conf/loss``, ``conf/optimizer``);
 * training sees random patches; validation and test predict *whole images* with
   :func:`histoseg.inference.tiled_predict`, so ``val/dice`` and ``test/*`` are whole-image numbers;
-* test writes ``per_image.csv`` and ``summary.json`` (pixel and, with instance maps, AJI / PQ);
+* test writes ``per_image.csv`` and ``summary.json`` (pixel and, with instance maps, AJI / PQ; with centre-point
+  annotations, detection precision / recall / F1 of the predicted nuclei);
 * checkpoints carry the resolved model config (``histoseg`` key) so a checkpoint alone rebuilds the net.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from histoseg.losses.multihead import MultiHeadLoss
 from histoseg.losses.segmentation import mode_for
 from histoseg.metrics.instance import instance_scores
 from histoseg.metrics.pixel import SegMetrics, image_scores
+from histoseg.metrics.points import point_scores
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +344,8 @@ class SegmentationTask(L.LightningModule):
                     if k in ("dice", "iou", "acc")})
         if "instances" in batch and post["instances"] is not None:
             row.update(instance_scores(batch["instances"][0].numpy(), post["instances"]))
+        if "points" in batch and post["instances"] is not None:  # centre-point annotations (BreCaHAD)
+            row.update(point_scores(batch["points"][0].numpy(), post["instances"], float(batch["point_radius"][0])))
         self.test_rows.append(row)
         return {"labels": post["labels"], "instances": post["instances"], "scores": row}  # for figure callbacks
 
