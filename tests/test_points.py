@@ -32,8 +32,9 @@ def test_known_counts_precision_recall_f1_and_distance():
 def test_matching_is_optimal_where_greedy_nearest_first_loses_a_match():
     # the prediction at 6 is nearest to the point at 10 (4 px), but pairing them leaves the prediction at 15
     # unmatched; the optimal assignment pairs 6 -> 0 (6 px) and 15 -> 10 (5 px)
-    m = match_points([(0, 0), (10, 0)], [(6, 0), (15, 0)], radius=6)
+    m = match_points([(0, 0), (10, 0)], [(6, 0), (15, 0)], radius=6, pairs=True)
     assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0) and m["f1"] == 1.0
+    assert sorted(map(tuple, m["pairs"].tolist())) == [(0, 0), (1, 1)]
     # among equally many matches the total distance is minimal
     m = match_points([(0, 0), (4, 0)], [(1, 0), (5, 0)], radius=6)
     assert m["dist"] == pytest.approx(1.0)
@@ -88,3 +89,26 @@ def test_brecahad_discs_score_perfectly_against_their_own_points(data_dir):
         assert sc["det_f1"] == 1.0 and sc["det_dist"] < 0.5
     item = WholeImageDataset(samples)[0]
     assert item["points"].shape == (len(samples[0].meta["nucleus_points"]), 2) and item["point_radius"] == 16.0
+
+
+@pytest.mark.data
+def test_haematoxylin_baseline_finds_most_annotated_nuclei_and_reports_the_localisation_ceiling(data_dir, tmp_path):
+    """experiments/brecahad_detection/hema_baseline.py on one case: a JSON of per-image rows and means whose
+    columns obey their definitions (the oracle places exactly one disc per annotated nucleus)."""
+    import json
+
+    from tests.helpers_scripts import load_experiment_script
+
+    hb = load_experiment_script("brecahad_detection/hema_baseline")
+    out = tmp_path / "hema.json"
+    hb.main(["--data", str(data_dir), "--cases", "Case_13", "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert len(rows) == res["all"]["n_images"] == 3 and set(res["per_case"]) == {"Case_13"}
+    for r in rows:
+        assert r["det_n_points"] > 50 and r["det_n_pred"] > r["det_n_points"]  # blobs include unannotated nuclei
+        assert r["det_recall"] > 0.8 and r["det_dist"] < 8  # blob centroids lie near the clicks (radius 16)
+        # a disc per annotated nucleus, moved by at most the radius: better than the detector's discs, below 1
+        assert r["disc_dice"] < r["oracle_disc_dice"] < 1.0
+    with pytest.raises(SystemExit, match="no images"):
+        hb.main(["--data", str(data_dir), "--cases", "Case_99"])

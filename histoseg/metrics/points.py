@@ -14,31 +14,28 @@ distance (greedy nearest-first matching can pair a centroid with the wrong point
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
 
 def instance_centroids(instances: np.ndarray) -> np.ndarray:
     """``(N, 2)`` float centroids ``(x, y)`` (column, row) of the labels 1..max of an instance map, in increasing
-    label order; labels with no pixel are skipped."""
+    label order (labels with no pixel have no row)."""
     inst = np.asarray(instances)
     if inst.ndim != 2:
         raise ValueError(f"instance map must be 2-D, got shape {inst.shape}")
-    lab = inst.ravel().astype(np.int64)
-    if lab.size == 0 or lab.max() <= 0:
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    if not ids.size:
         return np.zeros((0, 2))
-    n = int(lab.max()) + 1
-    area = np.bincount(lab, minlength=n)
-    rows, cols = np.divmod(np.arange(lab.size), inst.shape[1])
-    sx = np.bincount(lab, weights=cols, minlength=n)
-    sy = np.bincount(lab, weights=rows, minlength=n)
-    keep = np.nonzero(area[1:])[0] + 1
-    return np.stack([sx[keep] / area[keep], sy[keep] / area[keep]], axis=1)
+    yx = np.asarray(ndi.center_of_mass(np.ones(inst.shape, np.float64), inst, ids), np.float64).reshape(-1, 2)
+    return yx[:, ::-1].copy()
 
 
-def match_points(true_xy: np.ndarray, pred_xy: np.ndarray, radius: float) -> dict[str, float]:
+def match_points(true_xy: np.ndarray, pred_xy: np.ndarray, radius: float, pairs: bool = False) -> dict:
     """Match predicted to annotated points within ``radius`` (one to one). Returns ``tp``, ``fp``, ``fn``,
     ``precision``, ``recall``, ``f1`` and ``dist`` (mean matched distance; absent when nothing matched). Both
-    empty: precision = recall = F1 = 1."""
+    empty: precision = recall = F1 = 1. ``pairs=True`` adds ``pairs``: (tp, 2) indices (true, pred) of the matches."""
     t = np.asarray(true_xy, np.float64).reshape(-1, 2)
     p = np.asarray(pred_xy, np.float64).reshape(-1, 2)
     if not np.isfinite(radius) or radius <= 0:
@@ -63,6 +60,8 @@ def match_points(true_xy: np.ndarray, pred_xy: np.ndarray, radius: float) -> dic
     }
     if tp:
         out["dist"] = float(d[rt, rp].mean())
+    if pairs:
+        out["pairs"] = np.stack([rt, rp], axis=1).astype(np.int64).reshape(-1, 2)
     return out
 
 
