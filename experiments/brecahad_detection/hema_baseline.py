@@ -46,9 +46,10 @@ def score_image(reader: BreCaHADReader, case_id: str, min_size: int) -> dict:
     # localisation alone: a perfect detector (every annotated nucleus, nothing else) whose discs sit at the
     # haematoxylin-blob centroid matched to each point (at the point itself where no blob matched)
     pts = np.asarray(s.meta["nucleus_points"], np.float64)
-    m = match_points(pts, instance_centroids(inst), s.meta["point_radius"], pairs=True)
+    cent = instance_centroids(inst)
+    m = match_points(pts, cent, s.meta["point_radius"], pairs=True)
     moved = pts.copy()
-    moved[m["pairs"][:, 0]] = instance_centroids(inst)[m["pairs"][:, 1]]
+    moved[m["pairs"][:, 0]] = cent[m["pairs"][:, 1]]
     oracle, _ = draw_discs(s.mask.shape, [(1, moved)], reader.radius, reader.method)
     row["oracle_disc_dice"] = image_scores(oracle, s.mask, 2)["dice"]
     return row

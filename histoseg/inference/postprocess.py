@@ -277,6 +277,7 @@ def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
     Returns ``(labels, instances)``, instances numbered 1..n in ``inst``'s id order (ids hidden by overlap vanish).
     """
     from histoseg.data.readers.common import draw_discs
+    from histoseg.metrics.points import instance_centroids
 
     labels = np.asarray(labels)
     inst = np.asarray(inst)
@@ -285,7 +286,7 @@ def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
     ids = ids[ids > 0]
     if not ids.size:
         return out, np.zeros(inst.shape, np.int32)
-    centres = np.asarray(ndi.center_of_mass(np.ones(inst.shape, np.float64), inst, ids), np.float64)  # (n, 2) yx
+    centres = instance_centroids(inst)  # (n, 2) xy, in the order of ids
     # majority class per instance: pixel counts of each class over each instance's pixels
     classes = np.unique(labels[inst > 0])
     classes = classes[classes > 0]
@@ -294,7 +295,7 @@ def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
     counts = np.stack([ndi.sum(labels == k, inst, ids) for k in classes], axis=1)
     major = classes[np.argmax(counts, axis=1)]
     # one (class, xy) pair per instance, in id order, so overlaps resolve by id as the reader's drawing order does
-    discs, disc_inst = draw_discs(inst.shape, [(int(k), c[::-1][None]) for k, c in zip(major, centres)], radius)
+    discs, disc_inst = draw_discs(inst.shape, [(int(k), c[None]) for k, c in zip(major, centres)], radius)
     drawn = disc_inst > 0
     out[drawn] = discs[drawn]
     return out, disc_inst

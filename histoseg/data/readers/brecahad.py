@@ -170,8 +170,9 @@ class BreCaHADReader(Reader):
         img_path, js = self.source_files(case_id)
         image = read_image(img_path, "rgb")
         pts = self.points(case_id, image.shape[:2])
+        nuclei = [pts[c] for c in PRIORITY if c in self.binary_classes]  # the nucleus classes, in drawing order
         if self.classes == "binary":
-            centres = [(1, pts[c]) for c in PRIORITY if c in self.binary_classes]
+            centres = [(1, xy) for xy in nuclei]
         else:
             centres = [(SIX_CLASSES.index(c), pts[c]) for c in PRIORITY]
         mask, inst = draw_discs(image.shape[:2], centres, self.radius, self.method)
@@ -181,7 +182,7 @@ class BreCaHADReader(Reader):
             # nucleus_points / point_radius: the detection metrics (histoseg.metrics.points) match predicted
             # nuclei to the annotated nuclei within the disc radius
             meta={"points": pts, "annotation": str(js), "point_radius": float(self.radius),
-                  "nucleus_points": np.concatenate([pts[c] for c in PRIORITY if c in self.binary_classes] or [np.zeros((0, 2))]).reshape(-1, 2)},
+                  "nucleus_points": np.concatenate(nuclei or [np.zeros((0, 2))]).reshape(-1, 2)},
         )
 
 
