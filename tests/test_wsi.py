@@ -298,6 +298,20 @@ def test_complete_slides_are_skipped(nuclei_run):
     assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
 
 
+def test_a_model_at_another_working_scale_is_refused_before_any_output(tmp_path, syn):
+    """``inference.scale`` (histoseg.data.scale) resizes whole images, which the slide path does not: it says so
+    instead of predicting at the wrong resolution."""
+    from histoseg.tasks.utils import ConfigError
+
+    ckpt = write_checkpoint(tmp_path / "half.ckpt", 2, dark_is_nucleus, {"instances": "connected"}, mpp=MPP,
+                            inference={"tile_shape": [64, 64], "overlap": 0.25, "batch_size": 8, "scale": 0.5})
+    cfg = wsi_cfg(tmp_path, ckpt, syn.path)
+    with pytest.raises(ConfigError, match="inference.scale=0.5: the whole-slide path"):
+        predict_slide(syn.path, "syn", restore(ckpt), cfg.wsi, cfg.wsi.output_dir, ckpt_path=ckpt,
+                      report=cfg.report, progress=False)
+    assert not (Path(cfg.wsi.output_dir) / "syn").exists()
+
+
 # ---------------------------------------------------------------------- resume
 class Killed(RuntimeError):
     pass

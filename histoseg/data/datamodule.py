@@ -68,6 +68,10 @@ class HistoDataModule(L.LightningDataModule):
             to whole images at inference with ``inference.stain_norm`` (``histoseg.tasks.train`` passes that value
             unless ``inference.stain_norm_train=false``). Validation / test images stay as read: the task
             normalises them.
+        scale: the working resolution (``inference.scale``, passed by ``histoseg.tasks.train``): each training
+            image is resized by this factor (after stain normalisation, before patches are drawn; masks by nearest
+            neighbour, :mod:`histoseg.data.scale`), so ``patch_size`` counts working pixels. Validation / test
+            images stay as read: the task resizes them for the network and its logits back.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class HistoDataModule(L.LightningDataModule):
         mpp: float | None = None,
         limit_train: int | None = None,
         stain_norm: str | None = None,
+        scale: float = 1.0,
     ):
         super().__init__()
         self.reader, self.name = reader, name
@@ -123,6 +128,13 @@ class HistoDataModule(L.LightningDataModule):
                 raise ValueError(f"dataset {name!r}: stain_norm={stain_norm} normalises whole training images, which "
                                  "a patch_store (patches cut once, in prepare_data) does not see; use one or the other")
         self.stain_norm = stain_norm or None
+        from histoseg.data.scale import check_scale
+
+        self.scale = check_scale(scale)
+        if self.scale != 1.0 and patch_store:
+            raise ValueError(f"dataset {name!r}: inference.scale={scale} resizes whole training images, which a "
+                             "patch_store (patches cut once, in prepare_data, at the images' own size) does not see; "
+                             "use one or the other")
         self._stain_ref: dict | None = None
         self.split: dict[str, list[str]] | None = None
         self._cache: dict[str, Sample] = {}
@@ -187,6 +199,10 @@ class HistoDataModule(L.LightningDataModule):
             train = [self._copy(s) for s in self._read(self.train_ids())]
             if self.stain_norm:
                 train = self._normalise_stain(train)
+            if self.scale != 1.0:
+                from histoseg.data.scale import rescale_sample
+
+                train = [rescale_sample(s, self.scale) for s in train]
             self._check_samples(train, "train")
             source = self._train_source(train)
             self.train_set = PatchDataset(

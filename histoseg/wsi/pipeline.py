@@ -168,6 +168,12 @@ def predict_slide(
     t_start = time.perf_counter()
     w = plain_dict(wsi)
     check_settings(w)
+    if float(task.inference.get("scale") or 1.0) != 1.0:
+        from histoseg.tasks.utils import ConfigError
+
+        raise ConfigError(f"inference.scale={task.inference['scale']}: the whole-slide path reads the slide at the "
+                          "model's mpp (wsi.model_mpp) and does not resize by inference.scale; predict slides with a "
+                          "model trained at scale 1, or pass wsi.model_mpp=<training mpp / scale> inference.scale=1")
     device = torch.device(device)
     out = Path(out_root) / name
     work = out / "work"

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from torchmetrics import MaxMetric, MeanMetric
 
+from histoseg.data.scale import check_scale, resize_chw, scaled_size
 from histoseg.inference.postprocess import PostProcessor
-from histoseg.inference.tiled import tiled_predict, with_tta
+from histoseg.inference.tiled import tiled_predict, to_float, with_tta
 from histoseg.losses.multihead import MultiHeadLoss
 from histoseg.losses.segmentation import mode_for
 from histoseg.metrics.instance import instance_scores
@@ -47,7 +48,8 @@ class SegmentationTask(L.LightningModule):
         scheduler_interval: ``epoch`` or ``step``.
         inference: tiled inference settings for val/test (tile_shape, overlap, batch_size, tta, blend, and
             ``stain_norm``: null or ``reinhard``, whole images moved to the training images' colour statistics
-            ``data_info['stain_ref']`` before tiling, see :mod:`histoseg.data.stain`).
+            ``data_info['stain_ref']`` before tiling, see :mod:`histoseg.data.stain`; ``scale``: the working
+            resolution, each whole image resized by it before tiling and the logits back, :mod:`histoseg.data.scale`).
         postprocess: a :class:`PostProcessor` (instances for AJI/PQ at test time).
         channels_last / compile: speed options (``torch.compile`` wraps the forward, weights stay plain).
         gpu_aug: batch augmentation applied to training batches on the device at the start of the training
@@ -198,7 +200,11 @@ class SegmentationTask(L.LightningModule):
             if autocast is None and self._trainer is not None and "bf16" in str(self._trainer.precision):
                 autocast = "bf16"
             image = self.normalize_stain(image, cfg.get("stain_norm"))
-            return tiled_predict(
+            scale = check_scale(cfg.get("scale"))
+            full = tuple(image.shape[-2:])
+            if scale != 1.0:  # the working resolution the network was trained at (histoseg.data.scale)
+                image = resize_chw(to_float(image), scaled_size(*full, scale))
+            logits = tiled_predict(
                 image,
                 with_tta(self, cfg.get("tta")),
                 tile_shape=cfg["tile_shape"],
@@ -208,6 +214,7 @@ class SegmentationTask(L.LightningModule):
                 device=self.device,
                 autocast=autocast,
             )
+            return logits if scale == 1.0 else resize_chw(logits, full)
         finally:
             self.train(was_training)
 
