@@ -33,7 +33,9 @@ def build_datamodule(cfg: DictConfig):
     inf = cfg.get("inference") or {}
     if inf.get("stain_norm") and inf.get("stain_norm_train", True):  # train on what inference will see
         extra["stain_norm"] = inf.stain_norm
-    if inf.get("scale") is not None and float(inf.scale) != 1.0:  # train at the resolution inference will use
+    from histoseg.data.scale import check_scale
+
+    if check_scale(inf.get("scale")) != 1.0:  # train at the resolution inference will use
         extra["scale"] = inf.scale
     return build(cfg.dataset, "dataset", aug=aug, targets=targets, **extra)
 

@@ -168,7 +168,9 @@ def predict_slide(
     t_start = time.perf_counter()
     w = plain_dict(wsi)
     check_settings(w)
-    if float(task.inference.get("scale") or 1.0) != 1.0:
+    from histoseg.data.scale import check_scale
+
+    if check_scale(task.inference.get("scale")) != 1.0:
         from histoseg.tasks.utils import ConfigError
 
         raise ConfigError(f"inference.scale={task.inference['scale']}: the whole-slide path reads the slide at the "
