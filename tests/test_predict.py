@@ -235,3 +235,45 @@ def test_instance_maps_beyond_16_bits_go_to_tiff(tmp_path):
     p = write_instances(tmp_path, "big", big)
     assert p.name == "big.tif"
     np.testing.assert_array_equal(tifffile.imread(p), big)
+
+
+def test_a_checkpoint_at_half_working_scale_predicts_and_reports_in_input_pixels(tmp_path):
+    """A checkpoint stored with ``inference.scale=0.5``: histoseg-predict runs the net on the half-size image and
+    writes masks, instances and morphometry at the input's size. One-pixel stripes (purple / grey rows) show the
+    scale is applied: at full scale only the purple rows are dark enough, at half scale the rows average to a dark
+    enough grey, so the whole block is foreground."""
+    from scipy import ndimage as ndi
+
+    r, grey = 10, (180, 180, 180)
+    img = nuclei_image([(30, 40), (64, 60)], r, shape=(100, 160))
+    img[20:80:2, 100:150] = PURPLE
+    img[21:80:2, 100:150] = grey
+    write_image(tmp_path / "in" / "x.png", img)
+    masks = {}
+    for scale in (1.0, 0.5):
+        ckpt = write_checkpoint(tmp_path / f"s{scale}.ckpt", 2, dark_is_nucleus, {"instances": "connected"}, mpp=MPP,
+                                inference={"tile_shape": [64, 64], "overlap": 0.25, "scale": scale})
+        out = tmp_path / f"out{scale}"
+        cfg = compose_cfg(out, f"ckpt_path={ckpt}", f"input={tmp_path / 'in'}", "progress=false",
+                          base=[], config_name="predict")
+        summary, _ = predict(cfg)
+        assert summary["n_ok"] == 1
+        masks[scale] = cv2.imread(str(out / "masks" / "x.png"), cv2.IMREAD_UNCHANGED) > 0
+        assert masks[scale].shape == (100, 160)
+        inst = cv2.imread(str(out / "instances" / "x.png"), cv2.IMREAD_UNCHANGED)
+        assert inst.shape == (100, 160)
+        row = read_report(out / "report.csv")[0]
+        n = 2 + (30 if scale == 1.0 else 1)  # each purple row is an object at full scale, the block one at half
+        assert int(row["nuclei_count"]) == n and float(row["mpp"]) == MPP
+        assert float(row["density_per_mm2"]) == pytest.approx(n / (100 * 160 * MPP**2 * 1e-6), rel=1e-5)
+        # the two discs keep their place and (about) their area in input pixels
+        for c in [(30, 40), (64, 60)]:
+            lab = inst[c]
+            assert lab > 0
+            cy, cx = ndi.center_of_mass(inst == lab)
+            assert abs(cy - c[0]) < 0.75 and abs(cx - c[1]) < 0.75
+            assert abs(int((inst == lab).sum()) - np.pi * r * r) < 0.1 * np.pi * r * r
+    block = (slice(20, 80), slice(100, 150))
+    np.testing.assert_array_equal(masks[1.0][block], np.broadcast_to(
+        (np.arange(20, 80) % 2 == 0)[:, None], (60, 50)))
+    assert masks[0.5][21:79, 101:149].all()
