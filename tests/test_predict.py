@@ -253,10 +253,8 @@ def test_a_checkpoint_at_half_working_scale_predicts_and_reports_in_input_pixels
     for scale in (1.0, 0.5):
         ckpt = write_checkpoint(tmp_path / f"s{scale}.ckpt", 2, dark_is_nucleus, {"instances": "connected"}, mpp=MPP,
                                 inference={"tile_shape": [64, 64], "overlap": 0.25, "scale": scale})
-        out = tmp_path / f"out{scale}"
-        cfg = compose_cfg(out, f"ckpt_path={ckpt}", f"input={tmp_path / 'in'}", "progress=false",
-                          base=[], config_name="predict")
-        summary, _ = predict(cfg)
+        summary, _ = predict(predict_cfg(tmp_path / f"s{scale}", ckpt, tmp_path / "in"))
+        out = tmp_path / f"s{scale}" / "out"
         assert summary["n_ok"] == 1
         masks[scale] = cv2.imread(str(out / "masks" / "x.png"), cv2.IMREAD_UNCHANGED) > 0
         assert masks[scale].shape == (100, 160)
