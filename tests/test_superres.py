@@ -278,21 +278,20 @@ def _changed(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_gan_step_updates_each_network_only_in_its_own_step(make_cfg):
-    cfg = make_cfg(
-        "dataset.samples_per_epoch=4",
-        "test=false",
-        "callbacks=none",
-        "+trainer.limit_val_batches=0",
-        base=SR_TINY,
-    )
+def _recorded_steps(make_cfg, *overrides: str) -> list[dict]:
+    """Train SR_TINY without validation or test and return what RecordSteps saw at each optimizer step."""
+    cfg = make_cfg(*overrides, "test=false", "callbacks=none", "+trainer.limit_val_batches=0", base=SR_TINY)
     with open_dict(cfg):
         cfg.callbacks = {"record": {"_target_": "tests.test_superres.RecordSteps"}}
     _, obj = train(cfg)
-    rec = next(c for c in obj["callbacks"] if isinstance(c, RecordSteps))
+    return next(c for c in obj["callbacks"] if isinstance(c, RecordSteps)).steps
+
+
+def test_one_gan_step_updates_each_network_only_in_its_own_step(make_cfg):
+    steps = _recorded_steps(make_cfg, "dataset.samples_per_epoch=4")
     # one batch: a discriminator step, then a generator step
-    assert [s["optimizer"] for s in rec.steps] == ["discriminator", "generator"]
-    d_step, g_step = rec.steps
+    assert [s["optimizer"] for s in steps] == ["discriminator", "generator"]
+    d_step, g_step = steps
     g_before, d_before = d_step["before"]
     g_after, d_after = d_step["after"]
     assert _changed(d_before, d_after), "the discriminator step did not change the discriminator"
@@ -304,19 +303,8 @@ def test_one_gan_step_updates_each_network_only_in_its_own_step(make_cfg):
 
 
 def test_pretraining_phase_steps_only_the_generator(make_cfg):
-    cfg = make_cfg(
-        "dataset.samples_per_epoch=8",
-        "model.pretrain_epochs=1",
-        "test=false",
-        "callbacks=none",
-        "+trainer.limit_val_batches=0",
-        base=SR_TINY,
-    )
-    with open_dict(cfg):
-        cfg.callbacks = {"record": {"_target_": "tests.test_superres.RecordSteps"}}
-    _, obj = train(cfg)
-    rec = next(c for c in obj["callbacks"] if isinstance(c, RecordSteps))
-    assert [s["optimizer"] for s in rec.steps] == ["generator", "generator"]
+    steps = _recorded_steps(make_cfg, "dataset.samples_per_epoch=8", "model.pretrain_epochs=1")
+    assert [s["optimizer"] for s in steps] == ["generator", "generator"]
 
 
 def test_srresnet_without_discriminator_trains_the_generator_alone(make_cfg):
