@@ -76,3 +76,35 @@ def task_from_checkpoint(ckpt: dict, path: str | Path, device: str | torch.devic
         task.postprocess = overrides["postprocess"]
     task.model_config = cfg
     return task.to(device).eval()
+
+
+def init_weights_from(task: torch.nn.Module, path: str | Path, weights: str = "averaged") -> int:
+    """Start ``task``'s network from the weights of another run's checkpoint (``init_from=...`` in train).
+
+    Only the network (``net.*``) is taken: optimiser, scheduler, epoch counter, loss buffers and the stored
+    inference / post-processing settings are the new run's own. Transfer between runs of the same architecture:
+    fine-tuning at full resolution a model trained at half resolution (progressive resizing), or on another
+    dataset. Every network tensor must be present with the same shape, else a :class:`DataError` names the
+    first mismatches (a different backbone, class count or head layout). Returns the number of tensors loaded.
+    """
+    if not isinstance(getattr(task, "net", None), torch.nn.Module):
+        raise TypeError(f"init_from: {type(task).__name__} has no single network (.net) to initialise; "
+                        "init_from supports the segmentation tasks")
+    ckpt = load_checkpoint(path)
+    state = {k[len("net."):]: v for k, v in checkpoint_weights(ckpt, path, weights).items() if k.startswith("net.")}
+    own = task.net.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or extra or shape:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", extra), ("shape differs", shape)):
+            if keys:
+                shown = ", ".join(
+                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" if what == "shape differs" else k
+                    for k in keys[:3])
+                parts.append(f"{len(keys)} {what} ({shown}{', ...' if len(keys) > 3 else ''})")
+        raise DataError(f"{path}: its network does not fit this run's model ({'; '.join(parts)}); init_from needs "
+                        "the same backbone, classes and heads")
+    task.net.load_state_dict(state)
+    return len(state)

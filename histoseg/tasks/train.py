@@ -118,6 +118,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     log.info("Instantiating model <%s>", (cfg.model.get("net") or cfg.model).get("_target_"))
     task = build_task(cfg, datamodule)
+    if cfg.get("init_from"):
+        if cfg.get("ckpt_path"):
+            raise ConfigError("init_from and ckpt_path both set: ckpt_path resumes a run (weights, optimiser, epoch), "
+                              "init_from starts a new run from another run's weights; give one")
+        from histoseg.models.loading import init_weights_from
+
+        n = init_weights_from(task, cfg.init_from)
+        log.info("Initialised %d network tensors from %s (fresh optimiser and schedule)", n, cfg.init_from)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)
