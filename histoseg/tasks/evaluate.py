@@ -79,6 +79,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, dict]:
         "split_source": split_from, "weights": weights,
     }
 
+    if cfg.get("save_maps"):
+        task.maps_dir = str(out / "maps")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)

@@ -114,6 +114,7 @@ class SegmentationTask(L.LightningModule):
         self.model_config = model_config or {}
         self.data_info: dict = {}
         self.report_meta: dict = {}  # extra keys for summary.json (histoseg-eval: checkpoint, split)
+        self.maps_dir: str | None = None  # histoseg-eval save_maps=true: each test image's maps as <case>.npz
         self._fwd = None
         self.gpu_aug = gpu_aug
         self.metrics = nn.ModuleDict({f"{s}_metrics": SegMetrics(self.num_classes) for s in ("train", "val", "test")})
@@ -354,6 +355,8 @@ class SegmentationTask(L.LightningModule):
         if "points" in batch and post["instances"] is not None:  # centre-point annotations (BreCaHAD)
             row.update(point_scores(batch["points"][0].numpy(), post["instances"], float(batch["point_radius"][0])))
         self.test_rows.append(row)
+        if self.maps_dir:
+            save_maps(Path(self.maps_dir) / f"{row['case_id']}.npz", maps, post, batch)
         return {"labels": post["labels"], "instances": post["instances"], "scores": row}  # for figure callbacks
 
     def on_test_epoch_end(self) -> None:
@@ -393,6 +396,27 @@ class SegmentationTask(L.LightningModule):
         stored = checkpoint.get("histoseg", {}).get("dataset")
         if stored:
             self.data_info = dict(stored)
+
+
+def save_maps(path: Path, maps: dict, post: dict, batch: dict) -> None:
+    """One test image's outputs for analysis outside histoseg (e.g. other post-processing): the activated maps
+    as float16 (``probs``, ``fg``, ``interior``, ``dist``, ``hv``, whichever the model has), the post-processed
+    ``pred_labels`` / ``pred_instances`` and the ground truth ``true_mask`` / ``true_instances``, in one
+    compressed ``.npz`` written atomically (no half-written file on an interruption)."""
+    import io
+
+    from histoseg.data.io import atomic_write_bytes
+
+    arrays = {k: np.asarray(v, np.float16) for k, v in maps.items()}
+    arrays["pred_labels"] = np.asarray(post["labels"], np.uint8)
+    if post.get("instances") is not None:
+        arrays["pred_instances"] = np.asarray(post["instances"], np.int32)
+    arrays["true_mask"] = batch["mask"][0].numpy().astype(np.uint8)
+    if "instances" in batch:
+        arrays["true_instances"] = batch["instances"][0].numpy().astype(np.int32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def finish_test(module: L.LightningModule, rows: list[dict], extra: dict) -> None:
