@@ -40,8 +40,8 @@ from scipy import ndimage as ndi
 from skimage import segmentation
 
 from histoseg.inference.postprocess import PostProcessor, marker_watershed, remove_small_instances
-from histoseg.inference.tuning import DEFAULT_GRIDS
-from histoseg.metrics.instance import aji, instance_scores, pairwise_overlap, panoptic_quality, remap_label
+from histoseg.inference.tuning import DEFAULT_GRIDS, aji_pq
+from histoseg.metrics.instance import aji, instance_scores, pairwise_overlap, remap_label
 
 MAP_KEYS = ("probs", "fg", "interior", "dist", "hv")
 GROW = (-2, -1, 0, 1, 2)
@@ -66,6 +66,17 @@ def maps_of(z: dict) -> dict:
     return {k: z[k] for k in MAP_KEYS if k in z}
 
 
+def matched_pairs(true: np.ndarray, pred: np.ndarray):
+    """Pairs matched at IoU > 0.5 (one to one) as 0-based indices into ``remap_label`` order, with both areas:
+    ``(true_idx, pred_idx, area_true, area_pred)``."""
+    inter, at, ap = pairwise_overlap(true, pred)
+    if not len(at) or not len(ap):
+        return np.zeros(0, int), np.zeros(0, int), at, ap
+    iou = inter / np.maximum(at[:, None] + ap[None, :] - inter, 1e-12)
+    ti, pj = np.nonzero(iou > 0.5)
+    return ti, pj, at, ap
+
+
 def oracle_split(true: np.ndarray, fg: np.ndarray) -> np.ndarray:
     """The predicted foreground ``fg`` labelled by the true nuclei (see the module docstring)."""
     seeds = np.where(fg, true, 0)
@@ -78,12 +89,9 @@ def oracle_split(true: np.ndarray, fg: np.ndarray) -> np.ndarray:
 
 def oracle_no_false(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """The prediction without its false objects: those with less than half of their area on true nuclei."""
-    inter, at, ap = pairwise_overlap(true, pred)
+    inter, _, ap = pairwise_overlap(true, pred)
     p = remap_label(pred)
-    if not len(ap):
-        return p
-    on_nuclei = inter.sum(0) if len(at) else np.zeros_like(ap)
-    false = np.nonzero(on_nuclei < 0.5 * ap)[0] + 1
+    false = np.nonzero(inter.sum(0) < 0.5 * ap)[0] + 1  # inter.sum(0): each object's area on true nuclei
     return remap_label(np.where(np.isin(p, false), 0, p))
 
 
@@ -104,11 +112,7 @@ def oracle_outlines(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Every predicted nucleus matched to a true one (IoU > 0.5) redrawn with the true outline; the unmatched
     objects, false and merged, stay as predicted: what perfect outlines of the found nuclei would give."""
     t, p = remap_label(true), remap_label(pred)
-    inter, at, ap = pairwise_overlap(t, p)
-    if not len(at) or not len(ap):
-        return p
-    iou = inter / np.maximum(at[:, None] + ap[None, :] - inter, 1e-12)
-    ti, pj = np.nonzero(iou > 0.5)
+    ti, pj, _, _ = matched_pairs(t, p)
     out = np.where(np.isin(p, pj + 1), 0, p)  # matched objects removed ...
     lut = np.zeros(t.max() + 1, np.int64)
     lut[ti + 1] = pj + 1
@@ -135,11 +139,7 @@ def grow(inst: np.ndarray, k: int) -> np.ndarray:
 
 def area_ratio(true: np.ndarray, pred: np.ndarray) -> list[float]:
     """Predicted / true area of every pair matched at IoU > 0.5 (such a match is one to one)."""
-    inter, at, ap = pairwise_overlap(true, pred)
-    if not len(at) or not len(ap):
-        return []
-    iou = inter / np.maximum(at[:, None] + ap[None, :] - inter, 1e-12)
-    ti, pj = np.nonzero(iou > 0.5)
+    ti, pj, at, ap = matched_pairs(true, pred)
     return [float(ap[j] / at[i]) for i, j in zip(ti, pj)]
 
 
@@ -151,11 +151,6 @@ def score(true: np.ndarray, pred: np.ndarray) -> dict:
 def mean_rows(rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if k != "case_id"]
     return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys}
-
-
-def aji_pq(true, pred) -> float:
-    ov = pairwise_overlap(true, pred)
-    return 0.5 * (aji(true, pred, overlap=ov) + panoptic_quality(true, pred, overlap=ov)["pq"])
 
 
 def main(argv=None) -> dict:
@@ -221,13 +216,13 @@ def main(argv=None) -> dict:
                       dict(zip(keys, values))))
     stored = {k: summary["postprocess"][k] for k in keys}
     best_val, best = max(table, key=lambda t: t[0])
-    stored_val = next(s for s, p in table if p == stored) if any(p == stored for _, p in table) else None
+    stored_val = next((s for s, p in table if p == stored), None)
     pb = pp.with_params(**best)
     retuned = [{"case_id": c, **score(z["true_instances"], pb(maps_of(z))["instances"])} for c, z in test]
     report["retuned"] = {"grid": grid, "stored": stored, "stored_val_aji_pq": stored_val, "best": best,
                          "best_val_aji_pq": round(best_val, 4), "test": mean_rows(retuned)}
     rows["retuned"] = retuned
-    report["per_image"] = {k: v for k, v in rows.items()}
+    report["per_image"] = rows
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=1)
     if args.out:

@@ -34,7 +34,7 @@ OBJECTIVES = {
     "pq": lambda s, out, k: panoptic_quality(s.instances, out["instances"])["pq"],
     # both instance targets at once: AJI rewards the pixel overlap of matched nuclei, PQ also counts every
     # unmatched (e.g. small spurious) object, so AJI alone leaves ``min_size`` free to keep noise
-    "aji_pq": lambda s, out, k: _aji_pq(s.instances, out["instances"]),
+    "aji_pq": lambda s, out, k: aji_pq(s.instances, out["instances"]),
     # whole-image pixel Dice of the post-processed class map, exactly as the test step scores it: for datasets
     # whose reported metric is Dice (e.g. BreCaHAD's point discs), where the threshold and min_size trade
     # spurious blobs against missed nuclei
@@ -43,7 +43,8 @@ OBJECTIVES = {
 NEEDS_INSTANCES = {"aji", "aji_plus", "pq", "aji_pq"}
 
 
-def _aji_pq(true, pred) -> float:
+def aji_pq(true, pred) -> float:
+    """The ``aji_pq`` objective: the mean of AJI and PQ, from one overlap table."""
     ov = pairwise_overlap(true, pred)  # one overlap table for both metrics
     return 0.5 * (aji(true, pred, overlap=ov) + panoptic_quality(true, pred, overlap=ov)["pq"])
 
