@@ -60,3 +60,59 @@ def test_bad_input_shape_names_the_padding():
 def test_unknown_backbone_lists_the_choices():
     with pytest.raises(KeyError, match="available: .*resunet.*unet"):
         build_backbone("unetz")
+
+
+SMALL_SMP = dict(encoder_name="resnet18", encoder_depth=3, decoder_channels=[32, 16, 8])
+
+
+@pytest.mark.parametrize("arch", ["Unet", "FPN"])
+def test_smp_full_res_skip_gives_full_resolution_logits_and_trains_every_parameter(arch):
+    # FPN decodes at stride 4: the full-resolution head resizes its output to the image
+    kw = dict(encoder_name="resnet18") if arch == "FPN" else SMALL_SMP
+    x = torch.rand(2, 3, 64, 64)
+    unused = {}
+    for width in (0, 8):
+        torch.manual_seed(0)
+        net = build_backbone("smp", in_channels=3, num_classes=3, arch=arch, full_res_skip=width, **kw).train()
+        y = net(x)
+        assert y.shape == (2, 3, 64, 64)
+        y.square().mean().backward()
+        unused[width] = {n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    # smp keeps the encoder stages beyond encoder_depth unused in both; the full-resolution level adds none,
+    # and smp's replaced class head leaves no parameter behind (DDP fails on unused parameters)
+    assert unused[8] == unused[0] and not any(n.startswith("full_res") for n in unused[8])
+    assert not any(n.startswith("model.segmentation_head") for n, _ in net.named_parameters())
+
+
+def test_smp_full_res_skip_zero_keeps_smps_model_and_checkpoint_keys():
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    net = build_backbone("smp", in_channels=3, num_classes=2, **SMALL_SMP)
+    ref = smp.create_model("Unet", encoder_weights=None, in_channels=3, classes=2, **SMALL_SMP)
+    assert list(net.state_dict()) == ["model." + k for k in ref.state_dict()]
+    ref.load_state_dict({k[len("model."):]: v for k, v in net.state_dict().items()})
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(net.eval()(x), ref.eval()(x))
+
+
+def test_smp_full_res_head_sees_single_pixel_detail_at_full_resolution():
+    # the stem's two 3x3 convolutions reach the head unpooled: with the decoder's contribution zeroed, a one-pixel
+    # change moves the logits only within the 9x9 window around it (four 3x3 convolutions: radius 4)
+    torch.manual_seed(0)
+    net = build_backbone("smp", in_channels=3, num_classes=1, full_res_skip=4, **SMALL_SMP).eval()
+    x = torch.rand(1, 3, 64, 64)
+    zero_dec = torch.zeros(1, 8, 64, 64)
+    x2 = x.clone()
+    x2[0, :, 30, 41] += 1.0
+    d = (net.full_res(x2, zero_dec) - net.full_res(x, zero_dec)).abs()[0, 0]
+    changed = torch.nonzero(d > 0)
+    assert len(changed) > 0
+    assert changed[:, 0].min() >= 26 and changed[:, 0].max() <= 34
+    assert changed[:, 1].min() >= 37 and changed[:, 1].max() <= 45
+    assert d[30, 41] > 0
+
+
+def test_smp_negative_full_res_skip_is_refused():
+    with pytest.raises(ValueError, match="full_res_skip"):
+        build_backbone("smp", in_channels=3, num_classes=2, full_res_skip=-1, **SMALL_SMP)
