@@ -8,11 +8,17 @@ Each run folder must hold ``summary.json`` (whole-image test metrics, written by
 ``histoseg-eval``) and ``config.yaml`` (the resolved config: seed and command overrides are read from it and
 from ``.hydra/overrides.yaml`` when present). Fields already in an existing ``results.json`` that this
 script does not measure (``source``, ``targets``, ``notes``, ``split``) are kept.
+
+Each run's ``per_image.csv`` is copied beside it as ``per_image/seed_<s>.csv`` (``fold_<f>.csv`` with ``--folds``;
+``<out>_per_image/`` with ``--out``),
+so a later change can be compared image by image (``experiments/paired.py --base <that csv>``) after the run
+folders are gone; the copies are replaced together with results.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -121,8 +127,31 @@ def main(argv=None) -> None:
         **({"folds": folds} if folds else {}),
     )
     folder.mkdir(parents=True, exist_ok=True)
+    # per-image copies: replaced together with results.json (stale ones from an earlier collect are removed)
+    sub = f"{out.stem}_per_image" if a.out else "per_image"
+    copies = per_image_copies(sorted(a.runs), [f"fold_{f}" for f in folds] if folds else [f"seed_{r['seed']}" for r in runs])
+    shutil.rmtree(folder / sub, ignore_errors=True)
+    res.pop("per_image", None)
+    if copies:
+        (folder / sub).mkdir()
+        for label, src in copies.items():
+            shutil.copyfile(src, folder / sub / f"{label}.csv")
+        res["per_image"] = {label: f"{sub}/{label}.csv" for label in copies}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def per_image_copies(runs: list[Path], labels: list[str]) -> dict[str, Path]:
+    """``label -> run/per_image.csv`` for the runs that have one; labels must be unique among them."""
+    found = {}
+    for run, label in zip(runs, labels):
+        src = run / "per_image.csv"
+        if not src.is_file():
+            continue
+        if label in found:
+            raise SystemExit(f"two runs would both copy per_image.csv as {label}.csv: {found[label].parent} and {run}")
+        found[label] = src
+    return found
 
 
 if __name__ == "__main__":

@@ -169,3 +169,32 @@ def test_collect_labels_runs_with_their_fold_in_run_order(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="--folds has 1 values for 2 runs"):
         collect.main(["cv", "--runs", *map(str, runs), "--metrics", "dice", "--hardware", "h", "--budget", "b",
                       "--command", "c", "--folds", "Case_10"])
+
+
+def test_collect_keeps_each_runs_per_image_csv_for_later_paired_comparisons(tmp_path, monkeypatch):
+    """collect.py copies every run's per_image.csv into the experiment folder (named by seed) and lists it in
+    results.json; paired.py reads such a copy as a baseline; a re-collect replaces the copies, stale ones included."""
+    collect = load_experiment_script("collect")
+    paired = load_experiment_script("paired")
+    runs = []
+    for seed, aji in ((2, 0.7), (1, 0.6)):
+        run = tmp_path / "runs" / f"seed_{seed}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"n_images": 2, "mean": {"aji": aji}}))
+        (run / "config.yaml").write_text(f"seed: {seed}\n")
+        (run / "per_image.csv").write_text(f"case_id,aji\na,{aji - 0.1}\nb,{aji + 0.1}\n")
+        runs.append(run)
+    monkeypatch.setattr(collect, "__file__", str(tmp_path / "experiments" / "collect.py"))
+    args = ["x", "--metrics", "aji", "--hardware", "h", "--budget", "b", "--command", "c"]
+    collect.main([args[0], "--runs", *map(str, runs), *args[1:]])
+    folder = tmp_path / "experiments" / "x"
+    out = json.loads((folder / "results.json").read_text())
+    assert out["per_image"] == {"seed_1": "per_image/seed_1.csv", "seed_2": "per_image/seed_2.csv"}
+    assert (folder / "per_image" / "seed_2.csv").read_text() == (runs[0] / "per_image.csv").read_text()
+    # a later comparison against the kept copy, with the run folder gone
+    res = paired.main(["--base", str(folder / "per_image" / "seed_1.csv"), "--new", str(runs[0]), "--metrics", "aji"])
+    assert res["pooled"]["aji"]["diff"] == pytest.approx(0.1) and res["pooled"]["aji"]["better"] == 2
+    # re-collect with seed 1 only: seed 2's copy goes
+    collect.main([args[0], "--runs", str(runs[1]), *args[1:]])
+    assert sorted(p.name for p in (folder / "per_image").iterdir()) == ["seed_1.csv"]
+    assert json.loads((folder / "results.json").read_text())["per_image"] == {"seed_1": "per_image/seed_1.csv"}
