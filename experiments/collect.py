@@ -10,9 +10,9 @@ from ``.hydra/overrides.yaml`` when present). Fields already in an existing ``re
 script does not measure (``source``, ``targets``, ``notes``, ``split``) are kept.
 
 Each run's ``per_image.csv`` is copied beside it as ``per_image/seed_<s>.csv`` (``fold_<f>.csv`` with ``--folds``;
-``<out>_per_image/`` with ``--out``),
-so a later change can be compared image by image (``experiments/paired.py --base <that csv>``) after the run
-folders are gone; the copies are replaced together with results.json.
+into ``<out>_per_image/`` with ``--out``), so a later change can be compared image by image
+(``experiments/paired.py --base <that csv>``) after the run folders are gone; the copies are replaced together
+with results.json.
 """
 from __future__ import annotations
 

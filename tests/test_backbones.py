@@ -67,7 +67,8 @@ SMALL_SMP = dict(encoder_name="resnet18", encoder_depth=3, decoder_channels=[32,
 
 @pytest.mark.parametrize("arch", ["Unet", "FPN"])
 def test_smp_full_res_skip_gives_full_resolution_logits_and_trains_every_parameter(arch):
-    # FPN decodes at stride 4: the full-resolution head resizes its output to the image
+    # FPN decodes at stride 4: the full-resolution head resizes its output to the image (FPN at its default depth:
+    # smp's own FPN with encoder_depth=3 returns 4x the input size)
     kw = dict(encoder_name="resnet18") if arch == "FPN" else SMALL_SMP
     x = torch.rand(2, 3, 64, 64)
     unused = {}

@@ -185,16 +185,16 @@ def test_collect_keeps_each_runs_per_image_csv_for_later_paired_comparisons(tmp_
         (run / "per_image.csv").write_text(f"case_id,aji\na,{aji - 0.1}\nb,{aji + 0.1}\n")
         runs.append(run)
     monkeypatch.setattr(collect, "__file__", str(tmp_path / "experiments" / "collect.py"))
-    args = ["x", "--metrics", "aji", "--hardware", "h", "--budget", "b", "--command", "c"]
-    collect.main([args[0], "--runs", *map(str, runs), *args[1:]])
+    rest = ["--metrics", "aji", "--hardware", "h", "--budget", "b", "--command", "c"]
+    collect.main(["x", "--runs", *map(str, runs), *rest])
     folder = tmp_path / "experiments" / "x"
     out = json.loads((folder / "results.json").read_text())
     assert out["per_image"] == {"seed_1": "per_image/seed_1.csv", "seed_2": "per_image/seed_2.csv"}
     assert (folder / "per_image" / "seed_2.csv").read_text() == (runs[0] / "per_image.csv").read_text()
-    # a later comparison against the kept copy, with the run folder gone
+    # a later comparison reads the kept copy as its baseline, not the run folder
     res = paired.main(["--base", str(folder / "per_image" / "seed_1.csv"), "--new", str(runs[0]), "--metrics", "aji"])
     assert res["pooled"]["aji"]["diff"] == pytest.approx(0.1) and res["pooled"]["aji"]["better"] == 2
     # re-collect with seed 1 only: seed 2's copy goes
-    collect.main([args[0], "--runs", str(runs[1]), *args[1:]])
+    collect.main(["x", "--runs", str(runs[1]), *rest])
     assert sorted(p.name for p in (folder / "per_image").iterdir()) == ["seed_1.csv"]
     assert json.loads((folder / "results.json").read_text())["per_image"] == {"seed_1": "per_image/seed_1.csv"}

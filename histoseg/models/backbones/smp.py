@@ -10,11 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from histoseg.models.backbones.unet import conv_block
 from histoseg.models.registry import check_input_shape, register_backbone
-
-
-def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class FullResHead(nn.Module):
@@ -29,8 +26,10 @@ class FullResHead(nn.Module):
 
     def __init__(self, in_channels: int, decoder_channels: int, width: int, classes: int):
         super().__init__()
-        self.stem = nn.Sequential(_conv_bn_relu(in_channels, width), _conv_bn_relu(width, width))
-        self.fuse = _conv_bn_relu(decoder_channels + width, width)
+        self.stem = conv_block(in_channels, width, batch_norm=True, dropout=0.0)  # the UNet backbone's level
+        self.fuse = nn.Sequential(
+            nn.Conv2d(decoder_channels + width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         self.head = nn.Conv2d(width, classes, 3, padding=1)
 
     def forward(self, image: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
