@@ -93,3 +93,22 @@ def test_multihead_loss_is_minimal_for_perfect_heads(name):
     best, worse = loss(perfect, batch), loss(noisy, batch)
     assert best.item() < worse.item()
     assert best.item() == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("mode,k", [("binary", 1), ("multiclass", 3)])
+def test_lovasz_ignores_ignore_index_pixels(mode, k):
+    from histoseg.losses import LovaszLoss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 2 if k == 1 else k, (2, 16, 16), generator=g)
+    target[:, :4] = 255  # unsupervised rows (e.g. a nucleus interior whose instance map is unknown)
+    logits = torch.randn(2, k, 16, 16, generator=g)
+    loss = LovaszLoss(mode, ignore_index=255)
+    changed = logits.clone()
+    changed[:, :, :4] = 50 * torch.randn(2, k, 4, 16, generator=g)  # anything at ignored pixels
+    assert loss(changed, target).item() == pytest.approx(loss(logits, target).item(), abs=1e-6)
+    # and the supervised pixels do count: flipping them to the truth lowers the loss
+    fixed = logits.clone()
+    sup = target[:, 4:]
+    fixed[:, :, 4:] = perfect_logits(sup, k)
+    assert loss(fixed, target).item() < loss(logits, target).item()

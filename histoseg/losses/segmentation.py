@@ -124,10 +124,13 @@ class TverskyLoss(_SMPLoss):
 
 
 class LovaszLoss(_SMPLoss):
+    """Lovasz hinge (binary) / Lovasz-softmax (multiclass): a convex surrogate of the Jaccard index
+    (Berman et al. 2018), smp's implementation; ``ignore_index`` pixels are dropped before the sort."""
+
     smp_cls = smp.losses.LovaszLoss
 
-    def __init__(self, mode: str, per_image: bool = False):
-        super().__init__(mode, per_image=per_image, from_logits=True)
+    def __init__(self, mode: str, per_image: bool = False, ignore_index: int | None = None):
+        super().__init__(mode, per_image=per_image, ignore_index=ignore_index, from_logits=True)
 
 
 class CompoundLoss(SegLoss):
