@@ -13,6 +13,9 @@ Each run's ``per_image.csv`` is copied beside it as ``per_image/seed_<s>.csv`` (
 into ``<out>_per_image/`` with ``--out``), so a later change can be compared image by image
 (``experiments/paired.py --base <that csv>``) after the run folders are gone; the copies are replaced together
 with results.json.
+
+``--keep-collected`` adds seeds to an experiment whose earlier run folders are gone: the runs already in
+results.json (values, run entries, per-image copies) stay unless a run in ``--runs`` has the same seed.
 """
 from __future__ import annotations
 
@@ -101,6 +104,9 @@ def main(argv=None) -> None:
     ap.add_argument("--folds", nargs="+", default=None,
                     help="cross-validation: the held-out group of each run, in --runs order (e.g. Case_10 Case_11); "
                          "the tables then give the mean ± std over folds")
+    ap.add_argument("--keep-collected", action="store_true",
+                    help="keep the runs already in results.json whose seed no run in --runs has (their values, "
+                         "run entries and per-image copies), to add seeds after the earlier run folders are gone")
     a = ap.parse_args(argv)
     folder = Path(__file__).resolve().parent / a.name
     out = folder / (a.out or "results.json")
@@ -110,6 +116,24 @@ def main(argv=None) -> None:
         for r, s in zip(runs, in_run_order(a.seeds, a.runs, "--seeds")):
             r["seed"] = s
     folds = in_run_order(a.folds, a.runs, "--folds") if a.folds is not None else None
+    entries = [{"dir": str(p), "seed": r["seed"], **({"fold": f} if folds else {}), "n_images": r["n_images"],
+                "timing": r["timing"], "selected_checkpoint": r["selected"],
+                **({"members": r["members"]} if r["members"] else {})}
+               for p, r, f in zip(sorted(a.runs), runs, folds or [None] * len(runs))]
+    values = [{m: round(float(r["metrics"][m]), 6) for m in a.metrics} for r in runs]
+    labels = [f"fold_{f}" for f in folds] if folds else [f"seed_{r['seed']}" for r in runs]
+    copies = per_image_copies(sorted(a.runs), labels)  # label -> csv path
+    if a.keep_collected:
+        if folds or old.get("folds"):
+            raise SystemExit("--keep-collected adds seeds; it does not combine with --folds")
+        kept = kept_runs(old, out, a.metrics, {r["seed"] for r in runs})
+        for k in kept:
+            entries.append(k["entry"])
+            values.append(k["values"])
+            if k["per_image"] is not None:
+                copies[f"seed_{k['entry']['seed']}"] = k["per_image"]
+        order = sorted(range(len(entries)), key=lambda i: seed_order(entries[i]["seed"]))
+        entries, values = [entries[i] for i in order], [values[i] for i in order]
     res = dict(old)
     res.pop("folds", None)
     res.update(
@@ -118,27 +142,52 @@ def main(argv=None) -> None:
         command=a.command,
         hardware=a.hardware,
         budget=a.budget,
-        seeds=[r["seed"] for r in runs],
-        metrics={m: {"per_seed": [round(float(r["metrics"][m]), 6) for r in runs]} for m in a.metrics},
-        runs=[{"dir": str(p), "seed": r["seed"], **({"fold": f} if folds else {}), "n_images": r["n_images"],
-               "timing": r["timing"], "selected_checkpoint": r["selected"],
-               **({"members": r["members"]} if r["members"] else {})}
-              for p, r, f in zip(sorted(a.runs), runs, folds or [None] * len(runs))],
+        seeds=[e["seed"] for e in entries],
+        metrics={m: {"per_seed": [v[m] for v in values]} for m in a.metrics},
+        runs=entries,
         **({"folds": folds} if folds else {}),
     )
     folder.mkdir(parents=True, exist_ok=True)
     # per-image copies: replaced together with results.json (stale ones from an earlier collect are removed)
     sub = f"{out.stem}_per_image" if a.out else "per_image"
-    copies = per_image_copies(sorted(a.runs), [f"fold_{f}" for f in folds] if folds else [f"seed_{r['seed']}" for r in runs])
+    texts = {label: Path(src).read_text() for label, src in sorted(copies.items())}  # read before the old copies go
     shutil.rmtree(folder / sub, ignore_errors=True)
     res.pop("per_image", None)
-    if copies:
+    if texts:
         (folder / sub).mkdir()
-        for label, src in copies.items():
-            shutil.copyfile(src, folder / sub / f"{label}.csv")
+        for label, text in texts.items():
+            (folder / sub / f"{label}.csv").write_text(text)
         res["per_image"] = {label: f"{sub}/{label}.csv" for label in copies}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def seed_order(seed) -> tuple:
+    """Integer seeds first, in order, then labels such as an ensemble's ``0+1+2``."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
+def kept_runs(old: dict, out: Path, metrics: list[str], new_seeds: set) -> list[dict]:
+    """The runs of an earlier ``results.json`` (``old``, read from ``out``) whose seed is not in ``new_seeds``:
+    each one's run entry, its value of every metric in ``metrics`` and its per-image copy (a path, or None)."""
+    seeds, entries = old.get("seeds", []), old.get("runs", [])
+    if len(entries) != len(seeds):
+        raise SystemExit(f"{out}: --keep-collected needs one run entry per seed; it has {len(entries)} for {len(seeds)}")
+    kept = []
+    for i, seed in enumerate(seeds):
+        if seed in new_seeds:
+            continue
+        vals = {}
+        for m in metrics:
+            per = old.get("metrics", {}).get(m, {}).get("per_seed")
+            if per is None or len(per) != len(seeds):
+                raise SystemExit(f"{out}: seed {seed} has no kept value of {m}; collect its run again or leave {m} out")
+            vals[m] = per[i]
+        rel = old.get("per_image", {}).get(f"seed_{seed}")
+        if rel and not (out.parent / rel).is_file():
+            raise SystemExit(f"{out}: seed {seed}'s per-image copy {out.parent / rel} is missing")
+        kept.append({"entry": entries[i], "values": vals, "per_image": out.parent / rel if rel else None})
+    return kept
 
 
 def per_image_copies(runs: list[Path], labels: list[str]) -> dict[str, Path]:

@@ -1,5 +1,6 @@
 """experiments/make_table.py regenerates the results tables from results.json files (fixture numbers)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,44 @@ def test_collect_keeps_each_runs_per_image_csv_for_later_paired_comparisons(tmp_
     collect.main(["x", "--runs", str(runs[1]), *rest])
     assert sorted(p.name for p in (folder / "per_image").iterdir()) == ["seed_1.csv"]
     assert json.loads((folder / "results.json").read_text())["per_image"] == {"seed_1": "per_image/seed_1.csv"}
+
+
+def test_collect_keep_collected_adds_seeds_to_an_earlier_results_file(tmp_path, monkeypatch):
+    """``--keep-collected``: seeds collected before (their run folders gone) keep their values, run entries and
+    per-image copies; new seeds join them in seed order; a new run of an old seed replaces it; a metric the old
+    runs never had is an error naming the file, and nothing is written."""
+    collect = load_experiment_script("collect")
+    monkeypatch.setattr(collect, "__file__", str(tmp_path / "experiments" / "collect.py"))
+
+    def run(seed, dice, aji):
+        d = tmp_path / "runs" / f"seed_{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(json.dumps({"n_images": 2, "mean": {"dice": dice, "aji": aji}}))
+        (d / "config.yaml").write_text(f"seed: {seed}\n")
+        (d / "per_image.csv").write_text(f"case_id,dice\na,{dice}\n")
+        return d
+
+    rest = ["--hardware", "h", "--budget", "b", "--command", "c"]
+    old = run(1, 0.5, 0.3)
+    collect.main(["x", "--runs", str(old), "--metrics", "dice", *rest])
+    folder = tmp_path / "experiments" / "x"
+    shutil.rmtree(old)  # the earlier run folder is gone
+    new = [run(2, 0.7, 0.4), run(0, 0.6, 0.2)]
+    collect.main(["x", "--runs", *map(str, new), "--metrics", "dice", "--keep-collected", *rest])
+    out = json.loads((folder / "results.json").read_text())
+    assert out["seeds"] == [0, 1, 2] and out["metrics"]["dice"]["per_seed"] == [0.6, 0.5, 0.7]
+    assert [r["seed"] for r in out["runs"]] == [0, 1, 2] and out["runs"][1]["dir"] == str(old)
+    assert sorted(out["per_image"]) == ["seed_0", "seed_1", "seed_2"]
+    assert (folder / "per_image" / "seed_1.csv").read_text() == "case_id,dice\na,0.5\n"
+    # a new run of seed 1 replaces the kept one
+    collect.main(["x", "--runs", str(run(1, 0.9, 0.5)), "--metrics", "dice", "--keep-collected", *rest])
+    out = json.loads((folder / "results.json").read_text())
+    assert out["seeds"] == [0, 1, 2] and out["metrics"]["dice"]["per_seed"] == [0.6, 0.9, 0.7]
+    # aji was never collected for seeds 0 and 2: refused, results.json untouched
+    before = (folder / "results.json").read_text()
+    with pytest.raises(SystemExit, match=r"x/results.json: seed 0 has no kept value of aji"):
+        collect.main(["x", "--runs", str(run(1, 0.9, 0.5)), "--metrics", "dice", "aji", "--keep-collected", *rest])
+    assert (folder / "results.json").read_text() == before
+    # without the flag the old seeds go, as before
+    collect.main(["x", "--runs", str(run(1, 0.9, 0.5)), "--metrics", "dice", *rest])
+    assert json.loads((folder / "results.json").read_text())["seeds"] == [1]
