@@ -186,3 +186,100 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
 def test_palette_order_is_background_tumour_non_tumour_boundary():
     assert PALETTE.tolist() == [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
     assert CellularityReader.class_names == ("background", "tumour", "non_tumour", "boundary")
+
+
+def ring_around_nucleus(hole: bool = True) -> np.ndarray:
+    """A tumour nucleus (class 1, radius 11) inside a 3 px boundary ring (class 3), as the cellularity masks
+    draw them, with an optional 3x3 background hole in the nucleus."""
+    from skimage.draw import disk
+
+    lab = np.zeros((64, 64), np.uint8)
+    lab[disk((32, 32), 14)] = 3
+    lab[disk((32, 32), 11)] = 1
+    if hole:
+        lab[30:33, 30:33] = 0
+    return lab
+
+
+def test_hole_filling_never_overwrites_another_class():
+    """The hole in the nucleus is filled with the nucleus's class; the ring (whose inside is the nucleus) is
+    neither filled nor changed, and the nucleus is not painted over by the ring's class."""
+    from histoseg.inference.postprocess import clean_class_map
+
+    lab = ring_around_nucleus()
+    out = clean_class_map(lab, fill_holes=True)
+    assert np.array_equal(out, ring_around_nucleus(hole=False))
+
+
+def test_clean_classes_leaves_the_boundary_ring_as_predicted():
+    """An opening of radius 2 erases a 3 px ring when every class is cleaned; ``clean_classes=[1, 2]`` cleans
+    only the nuclei and keeps the ring pixel for pixel."""
+    from histoseg.inference.postprocess import PostProcessor, clean_class_map
+
+    lab = ring_around_nucleus()
+    lab[2:4, 2:4] = 1  # a 4-pixel tumour speck the opening removes
+    every = clean_class_map(lab, opening_radius=2, fill_holes=True)
+    assert not (every == 3).any()
+    nuclei_only = clean_class_map(lab, opening_radius=2, fill_holes=True, classes=[1, 2])
+    assert np.array_equal(nuclei_only == 3, lab == 3)
+    assert not nuclei_only[2:4, 2:4].any() and nuclei_only[32, 32] == 1
+    pp = PostProcessor(opening_radius=2, fill_holes=True, instances="none", clean_classes=[2, 1])
+    assert pp.config()["clean_classes"] == [1, 2] and pp.with_params(min_size=5).clean_classes == [1, 2]
+    assert np.array_equal(pp(np.eye(4, dtype=np.float32)[lab].transpose(2, 0, 1))["labels"], nuclei_only)
+
+
+def test_class_map_cleaning_equals_binary_cleaning_on_binary_maps():
+    from histoseg.inference.postprocess import clean_binary, clean_class_map
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        b = rng.random((60, 60)) > 0.45
+        for r, f, m in [(0, True, 0), (1, True, 5), (2, False, 30), (1, True, 30)]:
+            assert np.array_equal(clean_class_map(b.astype(np.uint8), r, f, m) == 1, clean_binary(b, r, f, m))
+
+
+def test_tuning_grid_may_hold_lists_of_classes():
+    """``clean_classes`` takes list values in a tuning grid; on a ring map the Dice objective prefers cleaning
+    the nuclei only (the opening would erase the ring)."""
+    from types import SimpleNamespace
+
+    from histoseg.inference.postprocess import PostProcessor
+    from histoseg.inference.tuning import tune_postprocess
+
+    lab = ring_around_nucleus(hole=False)
+    probs = np.eye(4, dtype=np.float32)[lab].transpose(2, 0, 1)
+    pp = PostProcessor(instances="watershed", nuclei_classes=[1, 2])
+    task = SimpleNamespace(postprocess=pp, heads=None, predict_maps=lambda image: {"probs": probs}, num_classes=4)
+    sample = SimpleNamespace(image=None, instances=None, mask=lab)
+    best, table = tune_postprocess(task, [sample], "dice",
+                                   {"opening_radius": [2], "clean_classes": [[1, 2, 3], [1, 2]]}, workers=1)
+    assert best["clean_classes"] == [1, 2] and len(table) == 2
+    scores = {tuple(r["clean_classes"]): r["dice"] for r in table}
+    assert scores[(1, 2)] == pytest.approx(1.0) and scores[(1, 2, 3)] < 0.7
+
+
+def test_score_maps_rescores_saved_test_maps_per_setting(tmp_path):
+    """experiments/cellularity_postprocess/score_maps.py on a saved map whose probabilities are the ground truth:
+    cleaning the ring class too erases it (boundary Dice 0), cleaning the nuclei only keeps Dice 1, and the
+    tuned setting is read from the run's postprocess_tuning.json."""
+    from tests.helpers_scripts import load_experiment_script
+
+    sm = load_experiment_script("cellularity_postprocess/score_maps")
+    lab = ring_around_nucleus(hole=False)
+    run = tmp_path / "run"
+    (run / "maps").mkdir(parents=True)
+    probs = np.eye(4, dtype=np.float16)[lab].transpose(2, 0, 1)
+    np.savez_compressed(run / "maps" / "img.npz", probs=probs, true_mask=lab)
+    (run / "postprocess_tuning.json").write_text(json.dumps({"best": {"opening_radius": 3, "clean_classes": [1, 2]}}))
+    out = sm.main(["--runs", str(run), "--out", str(tmp_path / "s.json")])["runs"]["run"]
+    assert out["all_classes"]["dice_3"] == 0 and out["nuclei_only"]["dice"] == 1 and out["none"]["dice"] == 1
+    assert out["tuned"]["params"]["opening_radius"] == 3 and out["tuned"]["dice_3"] == 1
+    assert out["none"]["cellularity_mae"] == 0
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert len(rows) == 4 and {r["setting"] for r in rows} == {"all_classes", "nuclei_only", "none", "tuned"}
+
+
+def test_cellularity_presets_clean_the_nucleus_classes_only(make_cfg):
+    cfg = make_cfg("experiment=cellularity_strong")
+    assert list(cfg.postprocess.clean_classes) == [1, 2] and cfg.tune_postprocess.objective == "dice"
+    assert [1, 2] in [list(c) for c in cfg.tune_postprocess.grid.clean_classes]

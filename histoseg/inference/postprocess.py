@@ -39,13 +39,52 @@ def _new_skimage() -> bool:
     return "max_size" in inspect.signature(morphology.remove_small_objects).parameters
 
 
-def clean_class_map(labels: np.ndarray, opening_radius: int = 0, fill_holes: bool = False, min_size: int = 0) -> np.ndarray:
-    """Apply :func:`clean_binary` per foreground class of a class map (pixels removed become background)."""
-    out = np.zeros_like(labels)
-    for k in np.unique(labels):
-        if k == 0:
+def clean_class_map(labels: np.ndarray, opening_radius: int = 0, fill_holes: bool = False, min_size: int = 0,
+                    classes: list[int] | None = None) -> np.ndarray:
+    """Clean a class map per foreground class: morphological opening, hole filling, small-object removal (the
+    steps and order of :func:`clean_binary`, which this equals on a binary map).
+
+    ``classes``: the classes cleaned (default every foreground class); the others keep their pixels as they are
+    (e.g. a 3 px boundary ring, which an opening of radius 2 would erase). Pixels a cleaned class loses become
+    background. A hole is a background region enclosed by foreground (of any classes): it takes the class that
+    covers most of its border, if that class is cleaned, so hole filling never overwrites another class's pixels
+    (a nucleus inside a ring of another class stays that nucleus).
+    """
+    labels = np.asarray(labels)
+    present = [int(k) for k in np.unique(labels) if k != 0]
+    cleaned = present if classes is None else [k for k in present if k in {int(c) for c in classes}]
+    out = np.where(np.isin(labels, cleaned), 0, labels).astype(labels.dtype)
+    for k in cleaned:
+        out[clean_binary(labels == k, opening_radius)] = k
+    if fill_holes and cleaned:
+        out = fill_class_holes(out, cleaned)
+    if min_size > 0:
+        for k in cleaned:
+            own = out == k
+            out[own & ~clean_binary(own, min_size=min_size)] = 0
+    return out
+
+
+def fill_class_holes(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Fill the background holes of a class map: each hole (background enclosed by foreground) takes the class
+    most common on its 1 px outer border, when that class is one of ``classes``."""
+    holes = ndi.binary_fill_holes(labels > 0) & (labels == 0)
+    if not holes.any():
+        return labels
+    lab, _ = ndi.label(holes)
+    out = labels.copy()
+    allowed = {int(c) for c in classes}
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
             continue
-        out[clean_binary(labels == k, opening_radius, fill_holes, min_size)] = k
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        hole = lab[sl] == i
+        border = labels[sl][ndi.binary_dilation(hole) & ~hole]
+        border = border[border > 0]
+        if border.size:
+            k = int(np.bincount(border).argmax())
+            if k in allowed:
+                out[sl][hole] = k
     return out
 
 
@@ -168,6 +207,8 @@ class PostProcessor:
     Args:
         threshold: foreground probability threshold (binary models).
         opening_radius / fill_holes / min_size: clean-up of each foreground class (pixels).
+        clean_classes: the classes that clean-up applies to (default every foreground class): e.g. ``[1, 2]``
+            for the cellularity classes, leaving the 3 px boundary ring (class 3) as predicted.
         instances: ``none``, ``connected`` (connected components), ``watershed`` (distance-transform
             watershed on the foreground, to split touching nuclei) or ``markers`` (marker-controlled watershed
             from instance-aware head outputs, see :func:`marker_watershed`).
@@ -199,6 +240,7 @@ class PostProcessor:
         min_marker_size: int = 5,
         render: str = "mask",
         disc_radius: float | None = None,
+        clean_classes: list[int] | None = None,
     ):
         if instances not in ("none", "connected", "watershed", "markers"):
             raise ValueError(f"instances must be none, connected, watershed or markers, got {instances!r}")
@@ -213,6 +255,7 @@ class PostProcessor:
         self.threshold, self.opening_radius, self.fill_holes = float(threshold), int(opening_radius), bool(fill_holes)
         self.min_size, self.instances, self.h, self.smooth = int(min_size), instances, float(h), float(smooth)
         self.nuclei_classes = None if nuclei_classes is None else [int(c) for c in nuclei_classes]
+        self.clean_classes = None if clean_classes is None else sorted(int(c) for c in clean_classes)
 
     def config(self) -> dict:
         return {
@@ -220,7 +263,7 @@ class PostProcessor:
             "min_size": self.min_size, "instances": self.instances, "h": self.h, "smooth": self.smooth,
             "nuclei_classes": self.nuclei_classes, "marker_source": self.marker_source,
             "marker_threshold": self.marker_threshold, "min_marker_size": self.min_marker_size,
-            "render": self.render, "disc_radius": self.disc_radius,
+            "render": self.render, "disc_radius": self.disc_radius, "clean_classes": self.clean_classes,
         }
 
     def __call__(self, maps: np.ndarray | dict, cache: StageCache | None = None) -> dict[str, np.ndarray | None]:
@@ -229,9 +272,10 @@ class PostProcessor:
         if not isinstance(maps, dict):
             maps = {"probs": maps}
         src = maps["fg"][None] if "fg" in maps else maps["probs"]
-        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size)
+        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size, self.clean_classes)
         labels = _stage(cache, "labels", label_key, lambda: clean_class_map(
-            to_class_map(src, self.threshold), self.opening_radius, self.fill_holes, self.min_size))
+            to_class_map(src, self.threshold), self.opening_radius, self.fill_holes, self.min_size,
+            self.clean_classes))
         inst = None
         if self.instances != "none":
             fg = nucleus_pixels(labels, self.nuclei_classes)

@@ -51,7 +51,7 @@ def aji_pq(true, pred) -> float:
 
 # settings of the early post-processing stages (class map, clean-up, distance / energy): the grid is computed
 # with these varying slowest, so each image's StageCache recomputes a stage only when its settings change
-STAGE_ORDER = ("threshold", "opening_radius", "fill_holes", "min_size", "nuclei_classes", "marker_source", "smooth")
+STAGE_ORDER = ("threshold", "clean_classes", "opening_radius", "fill_holes", "min_size", "nuclei_classes", "marker_source", "smooth")
 
 DEFAULT_GRIDS = {
     "watershed": {"h": [0.5, 1.0, 2.0, 3.0], "smooth": [0.5, 1.0, 2.0], "threshold": [0.4, 0.5, 0.6],
@@ -121,10 +121,11 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
         per_image[i].extend(part)
     # mean over images in sample order, as one loop over candidates would give; keyed in sorted-key order
     perm = [order.index(k) for k in keys]
-    scored = {tuple(values[p] for p in perm): float(np.mean([img[j] for img in per_image]))
+    # keyed by repr: a setting may be a list (e.g. clean_classes), which cannot key a dict
+    scored = {repr(tuple(values[p] for p in perm)): float(np.mean([img[j] for img in per_image]))
               for j, values in enumerate(combos)}
     # the table (and so the first best on ties) in the grid's sorted-key order, whatever the computing order
-    table = [{**dict(zip(keys, values)), objective: scored[values]}
+    table = [{**dict(zip(keys, values)), objective: scored[repr(tuple(values))]}
              for values in itertools.product(*(grid[k] for k in keys))]
     best = max(table, key=lambda r: r[objective])
     log.info("tuned post-processing on %d validation images (%d settings, %d process%s, %.0f s): %s", len(samples),
