@@ -276,10 +276,40 @@ def test_score_maps_rescores_saved_test_maps_per_setting(tmp_path):
     assert out["tuned"]["params"]["opening_radius"] == 3 and out["tuned"]["dice_3"] == 1
     assert out["none"]["cellularity_mae"] == 0
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
-    assert len(rows) == 4 and {r["setting"] for r in rows} == {"all_classes", "nuclei_only", "none", "tuned"}
+    assert "| run | nuclei_only | 1.000 |" in (tmp_path / "s.md").read_text()
+    assert out["nuclei_rings"]["dice_1"] == 1 and out["nuclei_rings"]["dice_3"] > 0.95
+    assert len(rows) == 5 and {r["setting"] for r in rows} == {"all_classes", "nuclei_only", "none", "nuclei_rings",
+                                                               "tuned"}
 
 
 def test_cellularity_presets_clean_the_nucleus_classes_only(make_cfg):
     cfg = make_cfg("experiment=cellularity_strong")
     assert list(cfg.postprocess.clean_classes) == [1, 2] and cfg.tune_postprocess.objective == "dice"
     assert [1, 2] in [list(c) for c in cfg.tune_postprocess.grid.clean_classes]
+
+
+def test_rings_are_redrawn_around_the_predicted_nuclei_as_the_masks_draw_them():
+    """``ring_class=3``: predicted ring pixels are dropped and a 3 px ring is drawn around the nuclei, nearly pixel
+    for pixel the builder's ring (its disc of radius + 3 less the nucleus disc); a ring never covers a nucleus."""
+    from histoseg.data.readers.cellularity import cellularity_labels
+    from histoseg.inference.postprocess import PostProcessor, draw_rings
+
+    shape = (80, 96)
+    # two tumour nuclei and a non-tumour one 20 px away (their rings overlap each other and the next nucleus)
+    pts = {"tumor": np.array([[30.0, 30.0], [62.4, 41.7]]), "non_tumor": np.array([[30.0, 50.0]]),
+           "mitosis": np.zeros((0, 2)), "apoptosis": np.zeros((0, 2))}
+    truth = cellularity_labels(shape, pts, 10, 3, "non_tumour", "exact")
+    assert set(np.unique(truth)) == {0, 1, 2, 3}
+    pred = np.where(truth == 3, 0, truth).astype(np.uint8)
+    pred[2:6, 2:6] = 3  # a spurious ring blob far from every nucleus
+    out = draw_rings(pred, 3, 3, [1, 2])
+    assert np.array_equal(np.where(out == 3, 0, out), np.where(truth == 3, 0, truth))  # nuclei untouched
+    assert not out[2:6, 2:6].any()
+    # the rasters differ only where a pixel centre is within 3.5 px of a nucleus pixel but not 13 px of its centre
+    ring, true_ring = out == 3, truth == 3
+    assert 2 * (ring & true_ring).sum() / (ring.sum() + true_ring.sum()) > 0.95
+    pp = PostProcessor(instances="none", ring_class=3, ring_width=3, nuclei_classes=[1, 2])
+    assert np.array_equal(pp(np.eye(4, dtype=np.float32)[pred].transpose(2, 0, 1))["labels"], out)
+    assert pp.with_params(min_size=1).config()["ring_class"] == 3
+    with pytest.raises(ValueError, match="ring_width"):
+        PostProcessor(ring_class=3, ring_width=0)

@@ -23,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-# the cellularity post-processing before and after clean_classes (conf/postprocess/cellularity.yaml), and none
+# the cellularity post-processing before and after clean_classes (conf/postprocess/cellularity.yaml), none at all,
 SETTINGS = {
     "all_classes": {"opening_radius": 2, "fill_holes": True, "min_size": 10, "clean_classes": None},
     "nuclei_only": {"opening_radius": 2, "fill_holes": True, "min_size": 10, "clean_classes": [1, 2]},
     "none": {"opening_radius": 0, "fill_holes": False, "min_size": 0, "clean_classes": None},
+    # the boundary class redrawn as the 3 px ring the masks draw around every nucleus (draw_rings)
+    "nuclei_rings": {"opening_radius": 2, "fill_holes": True, "min_size": 10, "clean_classes": [1, 2],
+                     "ring_class": 3, "ring_width": 3},
 }
 METRICS = ("dice", "dice_1", "dice_2", "dice_3", "acc")
 
@@ -80,11 +83,23 @@ def main(argv=None) -> dict:
         print(run.name, {k: (v["dice"], v["dice_3"]) for k, v in out.items()})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(a.out.with_suffix(".md"), markdown(summary))
     with a.out.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     return summary
+
+
+def markdown(summary: dict) -> str:
+    """The summary as a Markdown table (one row per run and setting), for the experiment's README."""
+    cols = [*METRICS, "cellularity_mae", "cellularity_bias"]
+    lines = ["| run | setting | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for run, settings in summary["runs"].items():
+        for name, r in settings.items():
+            lines.append(f"| {run} | {name} | " + " | ".join(f"{r[c]:.3f}" if c in METRICS else f"{r[c]:.2f}"
+                                                            for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -209,6 +209,8 @@ class PostProcessor:
         opening_radius / fill_holes / min_size: clean-up of each foreground class (pixels).
         clean_classes: the classes that clean-up applies to (default every foreground class): e.g. ``[1, 2]``
             for the cellularity classes, leaving the 3 px boundary ring (class 3) as predicted.
+        ring_class / ring_width: redraw class ``ring_class`` as a ring of ``ring_width`` px around the (cleaned)
+            nuclei, as the cellularity masks draw their boundary class (:func:`draw_rings`); None: as predicted.
         instances: ``none``, ``connected`` (connected components), ``watershed`` (distance-transform
             watershed on the foreground, to split touching nuclei) or ``markers`` (marker-controlled watershed
             from instance-aware head outputs, see :func:`marker_watershed`).
@@ -241,6 +243,8 @@ class PostProcessor:
         render: str = "mask",
         disc_radius: float | None = None,
         clean_classes: list[int] | None = None,
+        ring_class: int | None = None,
+        ring_width: int = 3,
     ):
         if instances not in ("none", "connected", "watershed", "markers"):
             raise ValueError(f"instances must be none, connected, watershed or markers, got {instances!r}")
@@ -256,6 +260,10 @@ class PostProcessor:
         self.min_size, self.instances, self.h, self.smooth = int(min_size), instances, float(h), float(smooth)
         self.nuclei_classes = None if nuclei_classes is None else [int(c) for c in nuclei_classes]
         self.clean_classes = None if clean_classes is None else sorted(int(c) for c in clean_classes)
+        if ring_class is not None and int(ring_width) < 1:
+            raise ValueError(f"ring_class={ring_class} needs ring_width >= 1 pixel, got {ring_width!r}")
+        self.ring_class = None if ring_class is None else int(ring_class)
+        self.ring_width = int(ring_width)
 
     def config(self) -> dict:
         return {
@@ -264,6 +272,7 @@ class PostProcessor:
             "nuclei_classes": self.nuclei_classes, "marker_source": self.marker_source,
             "marker_threshold": self.marker_threshold, "min_marker_size": self.min_marker_size,
             "render": self.render, "disc_radius": self.disc_radius, "clean_classes": self.clean_classes,
+            "ring_class": self.ring_class, "ring_width": self.ring_width,
         }
 
     def __call__(self, maps: np.ndarray | dict, cache: StageCache | None = None) -> dict[str, np.ndarray | None]:
@@ -272,10 +281,9 @@ class PostProcessor:
         if not isinstance(maps, dict):
             maps = {"probs": maps}
         src = maps["fg"][None] if "fg" in maps else maps["probs"]
-        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size, self.clean_classes)
-        labels = _stage(cache, "labels", label_key, lambda: clean_class_map(
-            to_class_map(src, self.threshold), self.opening_radius, self.fill_holes, self.min_size,
-            self.clean_classes))
+        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size, self.clean_classes,
+                     self.ring_class, self.ring_width, tuple(self.nuclei_classes or ()))
+        labels = _stage(cache, "labels", label_key, lambda: self._class_map(src))
         inst = None
         if self.instances != "none":
             fg = nucleus_pixels(labels, self.nuclei_classes)
@@ -299,9 +307,33 @@ class PostProcessor:
             inst = discs if inst is not None else None
         return {"labels": labels, "instances": inst}
 
+    def _class_map(self, src: np.ndarray) -> np.ndarray:
+        labels = clean_class_map(to_class_map(src, self.threshold), self.opening_radius, self.fill_holes,
+                                 self.min_size, self.clean_classes)
+        if self.ring_class is not None:
+            labels = draw_rings(labels, self.ring_class, self.ring_width, self.nuclei_classes)
+        return labels
+
     def with_params(self, **params) -> PostProcessor:
         """A copy with some settings replaced (used by threshold tuning)."""
         return PostProcessor(**{**self.config(), **params})
+
+
+def draw_rings(labels: np.ndarray, ring_class: int, width: int, nuclei_classes: list[int] | None = None) -> np.ndarray:
+    """Redraw class ``ring_class`` as the ``width``-pixel ring outside the nuclei (``nuclei_classes``, default
+    every other foreground class), as the cellularity masks draw their boundary class (a disc ``width`` px wider
+    than each nucleus disc, less the nuclei): the predicted ring pixels are dropped, nuclei stay as they are,
+    and the ring covers only background."""
+    labels = np.asarray(labels)
+    classes = [k for k in (nuclei_classes or np.unique(labels)) if k not in (0, ring_class)]
+    nuclei = np.isin(labels, classes)
+    out = np.where(labels == ring_class, 0, labels).astype(labels.dtype)
+    if not nuclei.any():
+        return out
+    # within width + 0.5 px of a nucleus pixel: matches the masks' discs of radius + width (a few pixels per ring)
+    ring = (ndi.distance_transform_edt(~nuclei) <= width + 0.5) & ~nuclei & (out == 0)
+    out[ring] = ring_class
+    return out
 
 
 def nucleus_pixels(labels: np.ndarray, nuclei_classes: list[int] | None = None) -> np.ndarray:

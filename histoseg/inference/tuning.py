@@ -51,7 +51,10 @@ def aji_pq(true, pred) -> float:
 
 # settings of the early post-processing stages (class map, clean-up, distance / energy): the grid is computed
 # with these varying slowest, so each image's StageCache recomputes a stage only when its settings change
-STAGE_ORDER = ("threshold", "clean_classes", "opening_radius", "fill_holes", "min_size", "nuclei_classes", "marker_source", "smooth")
+STAGE_ORDER = (
+    "threshold", "clean_classes", "opening_radius", "fill_holes", "min_size", "ring_class", "ring_width",
+    "nuclei_classes", "marker_source", "smooth",
+)
 
 DEFAULT_GRIDS = {
     "watershed": {"h": [0.5, 1.0, 2.0, 3.0], "smooth": [0.5, 1.0, 2.0], "threshold": [0.4, 0.5, 0.6],
