@@ -385,3 +385,30 @@ def test_disc_rendering_redraws_each_nucleus_as_the_annotation_disc():
         PostProcessor(render="circle", disc_radius=3)
     pp = PostProcessor(render="disc", disc_radius=5)
     assert PostProcessor(**pp.config()).config() == pp.config()  # stored in checkpoints as its config
+
+
+def test_tuning_without_instance_maps_falls_back_to_dice(tmp_path, caplog):
+    """Validation images with masks but no instance maps (epithelium, cellularity) cannot score ``aji_pq``: the
+    post-processing is tuned for whole-image Dice instead (threshold / min_size, the settings that change the
+    mask), with a warning, and the objective used is recorded."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from histoseg.tasks.train import tune_and_store
+
+    inst = two_touching_discs()
+    fg = np.where(inst > 0, 0.9, 0.05)
+    fg[5:35, 50:59] = 0.55  # a faint false blob: only a threshold above 0.55 drops it
+    task = SimpleNamespace(postprocess=PostProcessor(instances="watershed"), heads=None, num_classes=2,
+                           predict_maps=lambda image: {"probs": fg[None].astype(np.float32)}, report_dir=str(tmp_path))
+    sample = SimpleNamespace(image=None, instances=None, mask=(inst > 0).astype(np.uint8), case_id="v0")
+    dm = SimpleNamespace(val_set=SimpleNamespace(samples=[sample]))
+    with caplog.at_level(logging.WARNING):
+        tune_and_store(task, dm, None, OmegaConf.create({"objective": "aji_pq", "grid": None, "workers": 1}))
+    assert "tuning the post-processing for 'dice'" in caplog.text
+    assert task.postprocess.threshold >= 0.6
+    saved = json.loads((tmp_path / "postprocess_tuning.json").read_text())
+    assert saved["objective"] == "dice" and {tuple(sorted(r)) for r in saved["table"]} == {("dice", "min_size", "threshold")}

@@ -220,7 +220,14 @@ def tune_and_store(task, datamodule, trainer, tune_cfg) -> None:
     objective = tune_cfg.get("objective", "aji")
     samples = list(datamodule.val_set.samples if datamodule.val_set else [])
     if objective in NEEDS_INSTANCES:
-        samples = [s for s in samples if s.instances is not None]
+        with_instances = [s for s in samples if s.instances is not None]
+        if not with_instances and any(getattr(s, "mask", None) is not None for s in samples):
+            # e.g. epithelium or cellularity masks: no nuclei to match, but the mask itself can still be tuned
+            log.warning("the validation images have no instance maps to score %r on: tuning the post-processing "
+                        "for 'dice' (whole-image Dice of the post-processed mask) instead", objective)
+            objective = "dice"
+        else:
+            samples = with_instances
     samples = samples[: tune_cfg.get("max_images") or None]
     if not samples:
         log.warning("no validation image to tune %r on: post-processing thresholds stay as configured", objective)
