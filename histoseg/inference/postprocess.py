@@ -65,15 +65,15 @@ def clean_class_map(labels: np.ndarray, opening_radius: int = 0, fill_holes: boo
     return out
 
 
-def fill_class_holes(labels: np.ndarray, classes: list[int]) -> np.ndarray:
-    """Fill the background holes of a class map: each hole (background enclosed by foreground) takes the class
-    most common on its 1 px outer border, when that class is one of ``classes``."""
+def fill_class_holes(labels: np.ndarray, classes: list[int] | None = None) -> np.ndarray:
+    """Fill the background holes of a class (or instance) map: each hole (background enclosed by foreground) takes
+    the label most common on its 1 px outer border, when that label is one of ``classes`` (default: any)."""
     holes = ndi.binary_fill_holes(labels > 0) & (labels == 0)
     if not holes.any():
         return labels
     lab, _ = ndi.label(holes)
     out = labels.copy()
-    allowed = {int(c) for c in classes}
+    allowed = None if classes is None else {int(c) for c in classes}
     for i, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None:
             continue
@@ -83,7 +83,7 @@ def fill_class_holes(labels: np.ndarray, classes: list[int]) -> np.ndarray:
         border = border[border > 0]
         if border.size:
             k = int(np.bincount(border).argmax())
-            if k in allowed:
+            if allowed is None or k in allowed:
                 out[sl][hole] = k
     return out
 
@@ -378,22 +378,5 @@ def render_discs(labels: np.ndarray, inst: np.ndarray, radius: float,
 
 
 def fill_instance_holes(inst: np.ndarray) -> np.ndarray:
-    """Fill holes inside each instance (a hole fully enclosed by one nucleus joins it)."""
-    filled = ndi.binary_fill_holes(inst > 0)
-    holes = filled & (inst == 0)
-    if not holes.any():
-        return inst
-    lab, n = ndi.label(holes)
-    out = inst.copy()
-    # each hole takes the id of the nucleus around it (the most common id on its dilated border)
-    for i, sl in enumerate(ndi.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        hole = lab[sl] == i
-        ring = ndi.binary_dilation(hole) & ~hole
-        ids = out[sl][ring]
-        ids = ids[ids > 0]
-        if ids.size:
-            out[sl][hole] = np.bincount(ids).argmax()
-    return out
+    """Fill holes inside each instance (a hole fully enclosed by nuclei joins the one on most of its border)."""
+    return fill_class_holes(inst)
