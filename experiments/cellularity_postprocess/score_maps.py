@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 # the cellularity post-processing before and after clean_classes (conf/postprocess/cellularity.yaml), none at all,
+# and nuclei_only with the boundary class redrawn
 SETTINGS = {
     "all_classes": {"opening_radius": 2, "fill_holes": True, "min_size": 10, "clean_classes": None},
     "nuclei_only": {"opening_radius": 2, "fill_holes": True, "min_size": 10, "clean_classes": [1, 2]},
@@ -36,8 +37,10 @@ METRICS = ("dice", "dice_1", "dice_2", "dice_3", "acc")
 
 
 def cellularity_pct(labels: np.ndarray) -> float:
-    t, n = int((labels == 1).sum()), int((labels == 2).sum())
-    return 100.0 * t / (t + n) if t + n else float("nan")
+    """Tumour / (tumour + non-tumour) pixels in percent, as ``histoseg-predict`` reports it (NaN without nuclei)."""
+    from histoseg.analysis.morphometry import cellularity
+
+    return cellularity(labels, tumour_classes=[1], nucleus_classes=[1, 2])
 
 
 def main(argv=None) -> dict:

@@ -52,7 +52,7 @@ def clean_class_map(labels: np.ndarray, opening_radius: int = 0, fill_holes: boo
     """
     labels = np.asarray(labels)
     present = [int(k) for k in np.unique(labels) if k != 0]
-    cleaned = present if classes is None else [k for k in present if k in {int(c) for c in classes}]
+    cleaned = present if classes is None else sorted(set(present) & {int(c) for c in classes})
     out = np.where(np.isin(labels, cleaned), 0, labels).astype(labels.dtype)
     for k in cleaned:
         out[clean_binary(labels == k, opening_radius)] = k
