@@ -281,8 +281,9 @@ class PostProcessor:
         if not isinstance(maps, dict):
             maps = {"probs": maps}
         src = maps["fg"][None] if "fg" in maps else maps["probs"]
-        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size, self.clean_classes,
-                     self.ring_class, self.ring_width, tuple(self.nuclei_classes or ()))
+        # nuclei_classes shapes the class map only through the rings (a grid over it reuses the class map otherwise)
+        rings = None if self.ring_class is None else (self.ring_class, self.ring_width, tuple(self.nuclei_classes or ()))
+        label_key = (self.threshold, self.opening_radius, self.fill_holes, self.min_size, self.clean_classes, rings)
         labels = _stage(cache, "labels", label_key, lambda: self._class_map(src))
         inst = None
         if self.instances != "none":
@@ -325,8 +326,7 @@ def draw_rings(labels: np.ndarray, ring_class: int, width: int, nuclei_classes: 
     than each nucleus disc, less the nuclei): the predicted ring pixels are dropped, nuclei stay as they are,
     and the ring covers only background."""
     labels = np.asarray(labels)
-    classes = [k for k in (nuclei_classes or np.unique(labels)) if k not in (0, ring_class)]
-    nuclei = np.isin(labels, classes)
+    nuclei = nucleus_pixels(labels, nuclei_classes) & (labels != ring_class)
     out = np.where(labels == ring_class, 0, labels).astype(labels.dtype)
     if not nuclei.any():
         return out
