@@ -325,6 +325,29 @@ def test_dice_tuning_equals_the_full_post_processing(mode):
     assert len({r["dice"] for r in table}) > 1
 
 
+@pytest.mark.parametrize("mode", ["none", "connected", "watershed"])
+def test_dice_tuning_default_grid_without_markers(mode):
+    """With no grid, the Dice objective tunes the class map's settings (threshold x min_size) in every mode whose
+    instances do not redraw the class map, not only in watershed mode; its best is the table's maximum and at
+    least the untuned default's Dice."""
+    from benchmarks.tuning import simulated_maps, tuner_task
+    from histoseg.inference.tuning import DEFAULT_DICE_GRID, tune_postprocess
+    from histoseg.metrics.pixel import image_scores
+
+    images = [(inst, simulated_maps(inst, s)) for s, inst in enumerate(_touching_discs(s) for s in range(2))]
+    pp = PostProcessor(instances=mode, fill_holes=True)
+    task, samples = tuner_task(pp, images, False)
+    best, table = tune_postprocess(task, samples, "dice", None, workers=1)
+    assert sorted(best) == sorted(DEFAULT_DICE_GRID)
+    assert len(table) == int(np.prod([len(v) for v in DEFAULT_DICE_GRID.values()]))
+    top = max(r["dice"] for r in table)
+    assert {k: v for k, v in max(table, key=lambda r: r["dice"]).items() if k != "dice"} == best
+    untuned = float(np.mean([image_scores(pp(maps["binary"])["labels"], (inst > 0).astype(np.uint8), 2)["dice"]
+                             for inst, maps in images]))
+    assert top >= untuned - 1e-12
+    assert len({r["dice"] for r in table}) > 1
+
+
 def test_relabelling_matches_np_unique_for_any_ids():
     from histoseg.metrics.instance import remap_label
 

@@ -63,7 +63,8 @@ DEFAULT_GRIDS = {
                 "min_marker_size": [3, 10], "min_size": [10, 30, 60, 100]},
 }
 
-# the dice objective's default grid in watershed mode: there only the class map's settings can change the Dice
+# the dice objective's default grid in every mode but markers (whose instances redraw the class map, so its own
+# grid applies): without markers only the class map's settings can change the Dice
 DEFAULT_DICE_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "min_size": [0, 10, 30, 100]}
 
 
@@ -87,7 +88,7 @@ def tune_postprocess(task, samples, objective: str = "aji", grid: dict | None = 
     if not samples:
         raise ValueError(f"no validation image to score {objective!r} on (it needs instance maps): cannot tune")
     pp = task.postprocess
-    if grid is None and objective == "dice" and pp.instances == "watershed":
+    if grid is None and objective == "dice" and pp.instances != "markers":
         grid = DEFAULT_DICE_GRID
     grid = dict(grid or DEFAULT_GRIDS.get(pp.instances, {}))
     if not grid:
