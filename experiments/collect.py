@@ -6,7 +6,8 @@
 
 Each run folder must hold ``summary.json`` (whole-image test metrics, written by the test step or
 ``histoseg-eval``) and ``config.yaml`` (the resolved config: seed and command overrides are read from it and
-from ``.hydra/overrides.yaml`` when present). Fields already in an existing ``results.json`` that this
+from ``.hydra/overrides.yaml`` when present; for a ``histoseg-eval`` run the seed comes from the evaluated
+checkpoint's own run folder, ``--seeds`` overriding). Fields already in an existing ``results.json`` that this
 script does not measure (``source``, ``targets``, ``notes``, ``split``) are kept.
 
 Each run's ``per_image.csv`` is copied beside it as ``per_image/seed_<s>.csv`` (``fold_<f>.csv`` with ``--folds``;
@@ -41,9 +42,29 @@ def run_info(run: Path, metrics: list[str]) -> dict:
     if tim.is_file():
         wall = json.loads(tim.read_text())
     ckpt = summary.get("checkpoint")
-    return {"seed": cfg.get("seed"), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
+    return {"seed": training_seed(run, ckpt, cfg.get("seed")), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
             "overrides": overrides, "timing": wall, "selected": selected_checkpoint(run),
             "members": [repo_relative(c) for c in ckpt] if isinstance(ckpt, list) else None}  # an ensemble's checkpoints
+
+
+def training_seed(run: Path, ckpt: str | list | None, own_seed):
+    """The seed the run's weights were trained with. A training run's own config holds it. A ``histoseg-eval`` run
+    (``summary.json`` names its checkpoint, or an ensemble's list) holds the evaluation's seed instead, so the seed
+    is read from each checkpoint's run folder (``<run>/checkpoints/<name>.ckpt`` -> ``<run>/config.yaml``), an
+    ensemble's members joined as ``0+1+2``; where a folder has no config the evaluation's seed stays, with a
+    warning (``--seeds`` sets it)."""
+    if ckpt is None:
+        return own_seed
+    seeds = []
+    for c in ckpt if isinstance(ckpt, list) else [ckpt]:
+        conf = Path(c).parent.parent / "config.yaml"
+        seed = yaml.safe_load(conf.read_text()).get("seed") if conf.is_file() else None
+        if seed is None:
+            print(f"{run}: no training seed found beside checkpoint {c}; labelled with the evaluation's seed "
+                  f"{own_seed} (give --seeds)", file=sys.stderr)
+            return own_seed
+        seeds.append(seed)
+    return seeds[0] if len(seeds) == 1 else "+".join(str(x) for x in seeds)
 
 
 def repo_relative(path: str) -> str:
@@ -99,8 +120,9 @@ def main(argv=None) -> None:
     ap.add_argument("--command", nargs="+", required=True, help="the command(s) that made the runs")
     ap.add_argument("--out", default=None, help="results file name (default results.json)")
     ap.add_argument("--seeds", nargs="+", type=seed_label, default=None,
-                    help="the training seeds of the runs, in --runs order (for histoseg-eval runs, whose own config "
-                         "holds the evaluation's seed, not the checkpoint's); an ensemble's as one label, e.g. 0+1+2")
+                    help="the training seeds of the runs, in --runs order (default: each run's config; for a "
+                         "histoseg-eval run the evaluated checkpoint's run folder's); an ensemble's as one label, "
+                         "e.g. 0+1+2")
     ap.add_argument("--folds", nargs="+", default=None,
                     help="cross-validation: the held-out group of each run, in --runs order (e.g. Case_10 Case_11); "
                          "the tables then give the mean ± std over folds")

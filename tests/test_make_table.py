@@ -136,6 +136,31 @@ def test_collect_records_an_ensembles_members_and_seed_label(tmp_path):
     assert collect.run_info(single, ["dice"])["members"] is None
 
 
+def test_collect_labels_an_eval_run_with_its_checkpoints_training_seed(tmp_path, capsys):
+    """A histoseg-eval run's config holds the evaluation's seed (42); its label is the seed the checkpoint was
+    trained with, read from the checkpoint's run folder (an ensemble's members joined); without that folder the
+    evaluation's seed stays, with a warning naming the checkpoint."""
+    collect = load_experiment_script("collect")
+    ckpts = []
+    for seed in (1, 2):
+        train_run = tmp_path / "train" / f"seed_{seed}"
+        (train_run / "checkpoints").mkdir(parents=True)
+        (train_run / "config.yaml").write_text(f"seed: {seed}\nmodel: x\n")
+        ckpts.append(str(train_run / "checkpoints" / "epoch_009.ckpt"))
+
+    def eval_run(name, ckpt):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"n_images": 3, "mean": {"dice": 0.9}, "checkpoint": ckpt}))
+        (run / "config.yaml").write_text("seed: 42\n")
+        return run
+
+    assert collect.run_info(eval_run("raw", ckpts[1]), ["dice"])["seed"] == 2
+    assert collect.run_info(eval_run("ens", ckpts), ["dice"])["seed"] == "1+2"
+    assert collect.run_info(eval_run("moved", str(tmp_path / "gone" / "checkpoints" / "a.ckpt")), ["dice"])["seed"] == 42
+    assert "no training seed found beside checkpoint" in capsys.readouterr().err
+
+
 def test_cross_validation_folds_are_labelled_as_folds(tmp_path):
     """A leave-one-case-out result (``folds``: the held-out group of each value) is shown as a mean over folds,
     with the per-fold values named by their group; a folds list of the wrong length names the file."""
