@@ -189,6 +189,30 @@ def test_sr_datasets_degrade_deterministically(make_cfg):
     assert torch.equal(again, item["lr"])
 
 
+def test_sr_training_patches_are_cut_from_the_images_as_read(make_cfg):
+    """Regression: SRDataModule once stored the SR factor in ``scale``, the name HistoDataModule uses for the
+    working resolution, so every HR training image was resized 4x before patching (the generator learnt to
+    sharpen blurred, upsampled tissue and fell below bicubic on real validation images)."""
+    from histoseg.tasks.train import build_datamodule
+
+    dm = build_datamodule(make_cfg(base=SR_TINY + ["aug=none"]))
+    dm.setup("fit")
+    assert dm.sr_scale == 4 and dm.scale == 1.0
+    train = dm.train_set.patches.source.samples
+    read = dm._read(dm.train_ids())
+    assert [s.image.shape for s in train] == [s.image.shape for s in read] == [(64, 64, 3)] * len(read)
+    # each HR patch (no augmentation) is a crop of one training image, pixel for pixel
+    images = {s.case_id: s.image for s in read}
+    for i in range(4):
+        item = dm.train_set[(0, i)]
+        hr = (item["hr"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        img = images[item["case_id"]]
+        windows = np.lib.stride_tricks.sliding_window_view(img, hr.shape)[:, :, 0]
+        assert (windows == hr).all(axis=(-3, -2, -1)).any(), f"patch {i} is not a crop of {item['case_id']}"
+    with pytest.raises(ValueError, match="working resolution"):
+        build_datamodule(make_cfg(base=SR_TINY + ["+inference.scale=0.5"]))
+
+
 def test_whole_images_are_centre_cropped_to_multiples_of_the_scale():
     from histoseg.data.datasets import WholeImageDataset
     from histoseg.data.sample import Sample

@@ -228,17 +228,25 @@ class SRDataModule(HistoDataModule):
         self, *args, degradation: Degradation, eval_crop_shape: Sequence[int] | None = None, **kwargs
     ):
         super().__init__(*args, **kwargs)
+        if self.scale != 1.0:
+            raise ValueError(
+                f"dataset {self.name!r}: a working resolution (inference.scale={self.scale}) does not apply to "
+                "super-resolution, which learns from the HR images as read; leave inference.scale at 1"
+            )
         if not isinstance(degradation, Degradation):
             raise TypeError(
                 f"dataset {self.name!r}: degradation must be a Degradation, got {type(degradation).__name__}"
             )
-        self.degradation, self.scale = degradation, degradation.scale
+        # sr_scale, not scale: HistoDataModule.scale is the working resolution training images are resized to
+        # (1 here); sharing the name once made every HR training image 4x upsampled before patching
+        self.degradation, self.sr_scale = degradation, degradation.scale
         self.eval_crop_shape = eval_crop_shape
         ph, pw = self.patch_shape
-        if ph % self.scale or pw % self.scale:
+        s = self.sr_scale
+        if ph % s or pw % s:
             raise ValueError(
-                f"dataset {self.name!r}: patch_size {ph} (HR) is not divisible by the SR scale {self.scale}; "
-                f"use patch_size={ph // self.scale * self.scale or self.scale}"
+                f"dataset {self.name!r}: patch_size {ph} (HR) is not divisible by the SR scale {s}; "
+                f"use patch_size={ph // s * s or s}"
             )
 
     def setup(self, stage: str | None = None) -> None:

@@ -81,9 +81,9 @@ def evaluate_sr_pipeline(cfg: DictConfig) -> dict:
     dm = build(cfg.dataset, "dataset")
     if not isinstance(dm, SRDataModule):
         raise ConfigError(f"dataset {cfg.dataset.get('name')!r} is not an SR dataset; use dataset=sr_<name>")
-    if dm.scale != sr_task.scale:
+    if dm.sr_scale != sr_task.scale:
         raise ConfigError(
-            f"the SR checkpoint upscales x{sr_task.scale} but sr_scale={dm.scale}; set sr_scale={sr_task.scale}"
+            f"the SR checkpoint upscales x{sr_task.scale} but sr_scale={dm.sr_scale}; set sr_scale={sr_task.scale}"
         )
     if sr_task.train_degradation and sr_task.train_degradation != dm.degradation.config():
         log.warning(
@@ -120,7 +120,7 @@ def evaluate_sr_pipeline(cfg: DictConfig) -> dict:
             device=device,
             autocast=sr_inf.get("autocast"),
         )
-        bic = bicubic_upsample(lr, dm.scale)
+        bic = bicubic_upsample(lr, dm.sr_scale)
         row: dict = {"case_id": item["case_id"], "hr_shape": f"{hr.shape[1]}x{hr.shape[2]}"}
         for name, img in (("sr", sr), ("bicubic", bic)):
             q = image_quality(img, hr, border, sr_task.max_psnr)
@@ -163,7 +163,7 @@ def evaluate_sr_pipeline(cfg: DictConfig) -> dict:
         "seg_ckpt": str(cfg.seg_ckpt),
         "dataset": dm.name,
         "split": cfg.split,
-        "scale": dm.scale,
+        "scale": dm.sr_scale,
         "degradation": dm.degradation.config(),
         "sr_inference": sr_inf,
         "seg_inference": {**seg_task.inference, **seg_over},

@@ -225,7 +225,7 @@ class SuperResolutionTask(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
-            scale = getattr(dm, "scale", None)
+            scale = getattr(dm, "sr_scale", None)
             if scale is None:
                 raise ValueError(
                     f"dataset {getattr(dm, 'name', '?')!r} makes no LR images; use an SR dataset (sr_<name>)"
