@@ -155,6 +155,36 @@ def test_builder_reuses_fresh_output_and_rebuilds_stale(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brecahad", "cell"]
 
 
+def _build_in_child(src, out, kw):
+    build_cellularity_from_brecahad(src, out, **kw)
+
+
+def test_builder_waits_for_a_concurrent_build_and_reuses_it(tmp_path):
+    """Two runs deriving the set at once (experiments/batch.py --parallel 2): the second must wait for the first
+    instead of checking a half-published folder, then reuse it. Here the test holds the lock, and the folder lacks
+    its build.json while it does (as mid-swap): a builder that did not wait would reject the folder and fail."""
+    import multiprocessing as mp
+    import time
+
+    from histoseg.data.io import exclusive_lock
+
+    tiny_brecahad(tmp_path / "brecahad")
+    kw = dict(radius=6, ring_width=2, test_fraction=0.34, progress=False)
+    out = build_cellularity_from_brecahad(tmp_path / "brecahad", tmp_path / "cell", **kw)
+    meta = (out / "build.json").read_bytes()
+    with exclusive_lock(tmp_path):
+        (out / "build.json").unlink()
+        child = mp.get_context("fork").Process(target=_build_in_child, args=(tmp_path / "brecahad", out, kw))
+        child.start()
+        time.sleep(1.0)
+        assert child.is_alive()  # waiting on the lock, not failing on the incomplete folder
+        (out / "build.json").write_bytes(meta)
+    child.join(60)
+    assert child.exitcode == 0
+    assert (out / "build.json").read_bytes() == meta  # reused, not rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brecahad", "cell"]  # no lock file left
+
+
 def test_builder_never_touches_a_folder_it_did_not_build(tmp_path):
     tiny_brecahad(tmp_path / "brecahad")
     mine = tmp_path / "my_set"

@@ -38,7 +38,7 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from histoseg.data.io import DataError
+from histoseg.data.io import DataError, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,16 @@ def ensure_dataset(reader, progress: bool = True) -> Path:
     if is_present(root, entries):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
+    # parallel runs with dataset.download=true: one downloads, the others wait and then find the data
+    with exclusive_lock(root.parent):
+        if is_present(root, entries):
+            return root
+        _download(reader, entries, root, progress)
+    log.info("%s: downloaded into %s", reader.name, root)
+    return root
+
+
+def _download(reader, entries: list[dict], root: Path, progress: bool) -> None:
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.download-"))
     try:
         data = staging / "data"
@@ -91,8 +101,6 @@ def ensure_dataset(reader, progress: bool = True) -> Path:
         _merge_into(data, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("%s: downloaded into %s", reader.name, root)
-    return root
 
 
 def _merge_into(src: Path, root: Path) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -77,6 +79,35 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     os.umask(umask)
     os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~umask)
     os.replace(tmp, path)
+
+
+@contextmanager
+def exclusive_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on the folder ``folder`` (created if missing) for the ``with`` block.
+
+    For work that several processes may start at once on one output (two training runs deriving the same cached
+    data set, parallel jobs updating one table): the second waits for the first, then finds its output. POSIX
+    ``flock`` on the folder itself, so no lock file is left behind; released when the block ends or the process
+    dies. Where ``fcntl`` is missing (Windows) it does not lock, and the atomic renames are the only guard.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            # unlock explicitly: a child forked inside the block shares the descriptor, so closing ours alone
+            # would keep the lock held for as long as the child lives
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from histoseg.analysis.palette import GENERIC_PALETTE, palette_for
-from histoseg.data.io import atomic_write_text, write_image
+from histoseg.data.io import atomic_write_text, exclusive_lock, write_image
 from histoseg.inference.tiled import with_tta
 from histoseg.utils.config import plain_dict
 from histoseg.utils.logging import get_logger
@@ -135,11 +135,8 @@ def write_rows(path: Path, rows: list[dict], columns=SLIDE_COLUMNS) -> None:
 
 def update_cohort_table(root: Path) -> Path:
     """``<root>/slides.csv``: every ``<root>/*/summary.csv``, rebuilt under a lock (parallel jobs share it)."""
-    import fcntl
-
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".slides.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(root):
         rows = [read_summary(p) for p in sorted(root.glob("*/summary.csv"))]
         write_rows(root / "slides.csv", [r for r in rows if r])
     return root / "slides.csv"

@@ -42,7 +42,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from histoseg.data.io import DataError, atomic_write_text, publish, read_image, write_image
+from histoseg.data.io import DataError, atomic_write_text, exclusive_lock, publish, read_image, write_image
 from histoseg.data.readers.base import Reader, register_reader
 from histoseg.data.readers.common import IMAGE_EXTS, check_same_shape, list_files, require_dir
 from histoseg.data.sample import Sample
@@ -241,7 +241,8 @@ def build_cellularity_from_brecahad(
     ``.../gt/<id>_gt.png`` (colour-coded classes), ``cellularity.csv`` (per image: counts, class areas in
     pixels and cellularity = tumour-nucleus area / all-nucleus area) and ``build.json`` (parameters and the
     SHA-256 fingerprint of the source files). The whole folder is built beside ``out_dir`` and renamed into
-    place, so an interrupted build never leaves a folder that looks complete.
+    place, so an interrupted build never leaves a folder that looks complete. Calls on one ``out_dir`` from several
+    processes at once are serialised by a lock on its parent folder: one builds, the others wait and reuse it.
 
     Args:
         radius: nucleus disc radius in pixels (as the BreCaHAD reader).
@@ -270,69 +271,72 @@ def build_cellularity_from_brecahad(
     }
     fingerprint = src.fingerprint(ids)
     meta_path = out / "build.json"
-    if out.exists():
-        if not meta_path.is_file():
-            raise DataError(
-                f"{out}: exists but was not built by histoseg (no build.json); remove it or point the reader at "
-                "another folder"
-            )
-        old = json.loads(meta_path.read_text())
-        if not overwrite and old.get("params") == params and old.get("source_fingerprint") == fingerprint:
-            return out
-        log.info("cellularity: rebuilding %s (%s)", out, "forced" if overwrite else "parameters or BreCaHAD files changed")
-
-    groups = {cid: src.group_of(cid) for cid in ids}
-    uniq = sorted(set(groups.values()))
-    rng = np.random.default_rng(int(seed))
-    n_test = int(round(float(test_fraction) * len(uniq)))
-    if test_fraction > 0 and len(uniq) > 1:
-        n_test = min(max(n_test, 1), len(uniq) - 1)
-    test_groups = set(rng.permutation(uniq)[:n_test].tolist())
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        rows = []
-        it = ids
-        if progress:
-            from rich.progress import track
+    # two runs starting at once (experiments/batch.py --parallel) would otherwise both build and the second would
+    # swap the folder away under the first one's reader: the second waits here, then finds the folder up to date
+    with exclusive_lock(out.parent):
+        if out.exists():
+            if not meta_path.is_file():
+                raise DataError(
+                    f"{out}: exists but was not built by histoseg (no build.json); remove it or point the reader at "
+                    "another folder"
+                )
+            old = json.loads(meta_path.read_text())
+            if not overwrite and old.get("params") == params and old.get("source_fingerprint") == fingerprint:
+                return out
+            log.info("cellularity: rebuilding %s (%s)", out, "forced" if overwrite else "parameters or BreCaHAD files changed")
 
-            it = track(ids, description=f"cellularity from BreCaHAD -> {out.name}", transient=True)
-        for cid in it:
-            split = "test" if groups[cid] in test_groups else "train"
-            img_path = src.source_files(cid)[0]
-            shape = _shape(img_path)
-            pts = src.points(cid, shape)
-            labels = cellularity_labels(shape, pts, radius, ring_width, apoptosis, method)
-            (tmp / split / "input").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(img_path, tmp / split / "input" / f"{cid}{img_path.suffix.lower()}")
-            write_image(tmp / split / "gt" / f"{cid}_gt.png", encode_cellularity_mask(labels))
-            t, n, b = (int((labels == k).sum()) for k in (1, 2, 3))
-            rows.append({
-                "id": cid, "group": groups[cid], "split": split,
-                "n_tumour": len(pts["tumor"]) + len(pts["mitosis"]) + (len(pts["apoptosis"]) if apoptosis == "tumour" else 0),
-                "n_non_tumour": len(pts["non_tumor"]) + (len(pts["apoptosis"]) if apoptosis == "non_tumour" else 0),
-                "n_apoptosis": len(pts["apoptosis"]),
-                "tumour_px": t, "non_tumour_px": n, "boundary_px": b,
-                "cellularity": f"{t / (t + n):.6f}" if t + n else "",
-            })
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(tmp / "cellularity.csv", buf.getvalue())
-        atomic_write_text(
-            tmp / "build.json",
-            json.dumps({"params": params, "source": str(Path(brecahad_root).resolve()), "source_fingerprint": fingerprint,
-                        "n_images": len(rows), "test_groups": sorted(test_groups)}, indent=1),
-        )
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("cellularity: built %d images (%d test) from %s into %s", len(rows),
-             sum(r["split"] == "test" for r in rows), brecahad_root, out)
-    return out
+        groups = {cid: src.group_of(cid) for cid in ids}
+        uniq = sorted(set(groups.values()))
+        rng = np.random.default_rng(int(seed))
+        n_test = int(round(float(test_fraction) * len(uniq)))
+        if test_fraction > 0 and len(uniq) > 1:
+            n_test = min(max(n_test, 1), len(uniq) - 1)
+        test_groups = set(rng.permutation(uniq)[:n_test].tolist())
+
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            rows = []
+            it = ids
+            if progress:
+                from rich.progress import track
+
+                it = track(ids, description=f"cellularity from BreCaHAD -> {out.name}", transient=True)
+            for cid in it:
+                split = "test" if groups[cid] in test_groups else "train"
+                img_path = src.source_files(cid)[0]
+                shape = _shape(img_path)
+                pts = src.points(cid, shape)
+                labels = cellularity_labels(shape, pts, radius, ring_width, apoptosis, method)
+                (tmp / split / "input").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(img_path, tmp / split / "input" / f"{cid}{img_path.suffix.lower()}")
+                write_image(tmp / split / "gt" / f"{cid}_gt.png", encode_cellularity_mask(labels))
+                t, n, b = (int((labels == k).sum()) for k in (1, 2, 3))
+                rows.append({
+                    "id": cid, "group": groups[cid], "split": split,
+                    "n_tumour": len(pts["tumor"]) + len(pts["mitosis"]) + (len(pts["apoptosis"]) if apoptosis == "tumour" else 0),
+                    "n_non_tumour": len(pts["non_tumor"]) + (len(pts["apoptosis"]) if apoptosis == "non_tumour" else 0),
+                    "n_apoptosis": len(pts["apoptosis"]),
+                    "tumour_px": t, "non_tumour_px": n, "boundary_px": b,
+                    "cellularity": f"{t / (t + n):.6f}" if t + n else "",
+                })
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+            atomic_write_text(tmp / "cellularity.csv", buf.getvalue())
+            atomic_write_text(
+                tmp / "build.json",
+                json.dumps({"params": params, "source": str(Path(brecahad_root).resolve()), "source_fingerprint": fingerprint,
+                            "n_images": len(rows), "test_groups": sorted(test_groups)}, indent=1),
+            )
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("cellularity: built %d images (%d test) from %s into %s", len(rows),
+                 sum(r["split"] == "test" for r in rows), brecahad_root, out)
+        return out
 
 
 def cellularity_labels(
