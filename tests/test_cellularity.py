@@ -343,3 +343,35 @@ def test_rings_are_redrawn_around_the_predicted_nuclei_as_the_masks_draw_them():
     assert pp.with_params(min_size=1).config()["ring_class"] == 3
     with pytest.raises(ValueError, match="ring_width"):
         PostProcessor(ring_class=3, ring_width=0)
+
+
+def test_cellularity_errors_confusion_on_hand_made_masks(tmp_path):
+    """experiments/cellularity/cellularity_errors.py: class areas and where each true class's pixels went."""
+    from histoseg.data.io import write_image
+    from tests.helpers_scripts import load_experiment_script
+
+    errors = load_experiment_script("cellularity/cellularity_errors")
+    root, run = tmp_path / "set", tmp_path / "run"
+    truth = np.zeros((20, 40), np.uint8)
+    truth[:, :10] = 1    # 200 tumour px
+    truth[:, 10:15] = 2  # 100 non-tumour px
+    pred = np.zeros_like(truth)
+    pred[:, :5] = 1      # half the tumour found as tumour, the rest background
+    pred[:, 10:12] = 1   # 40 % of the non-tumour called tumour
+    pred[:, 12:13] = 2   # 20 % called non-tumour, 40 % background
+    pred[:, 30:] = 2     # non-tumour predicted where nothing is annotated
+    write_image(root / "test" / "gt" / "img_gt.png", encode_cellularity_mask(truth))
+    write_image(run / "predict" / "masks" / "img.png", encode_cellularity_mask(pred))
+    (root / "cellularity.csv").write_text("id,cellularity,n_tumour,n_non_tumour\nimg,0.666667,2,1\n")
+    (run / "predict" / "report.csv").write_text("image,status,cellularity_pct,mask\nimg,ok,41.38,masks/img.png\n")
+    res = errors.analyse_run(run, root, "test")
+    row = res["per_image"][0]
+    assert (row["true_tumour_px"], row["true_non_tumour_px"]) == (200, 100)
+    assert (row["pred_tumour_px"], row["pred_non_tumour_px"]) == (140, 220)
+    assert row["true_tumour_as"] == {"background": 0.5, "tumour": 0.5, "non_tumour": 0.0, "boundary": 0.0}
+    assert row["true_non_tumour_as"] == {"background": 0.4, "tumour": 0.4, "non_tumour": 0.2, "boundary": 0.0}
+    assert row["true_pct"] == pytest.approx(66.67) and row["pred_pct"] == pytest.approx(41.38)
+    # a mask of another size is an error naming both files
+    write_image(run / "predict" / "masks" / "img.png", encode_cellularity_mask(pred[:, :30]))
+    with pytest.raises(DataError, match="img_gt.png"):
+        errors.analyse_run(run, root, "test")
