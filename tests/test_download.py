@@ -232,3 +232,30 @@ def test_tcia_upstream_archive_from_a_file_url_is_read_as_it_comes(tmp_path, dat
         ours, theirs = reader.read(cid), kit.read(cid)
         assert (ours.image == theirs.image).all() and (ours.instances == theirs.instances).all()
         assert "manual_segmentation_data" in ours.source
+
+
+def _ensure_in_child(reader):
+    ensure_dataset(reader, progress=False)
+
+
+def test_parallel_runs_wait_for_one_download(tmp_path):
+    """Two runs with dataset.download=true started at once: the second waits on the lock that the first holds
+    while downloading, then finds the data instead of downloading again (here the URL does not exist, so a second
+    download would fail)."""
+    import multiprocessing as mp
+    import time
+
+    from histoseg.data.io import exclusive_lock
+
+    root = tmp_path / "data" / "dsb2018"
+    missing = (tmp_path / "nowhere.tar.gz").as_uri()
+    reader = DSB2018Reader(root, downloads=[{**ENTRY, "url": missing, "sha256": "0" * 64}])
+    with exclusive_lock(root.parent):  # "the first run", mid-download
+        child = mp.get_context("fork").Process(target=_ensure_in_child, args=(reader,))
+        child.start()
+        time.sleep(1.0)
+        assert child.is_alive()  # waiting, not fetching the missing URL
+        make_nuclei(root)        # the first run's download lands
+    child.join(60)
+    assert child.exitcode == 0
+    assert sorted(p.name for p in root.parent.iterdir()) == ["dsb2018"]  # nothing staged, no lock file
