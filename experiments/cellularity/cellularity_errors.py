@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = ("background", "tumour", "non_tumour", "boundary")
+from histoseg.data.readers.cellularity import CLASS_NAMES
 
 
-def pearson(a, b) -> float:
+def pearson(a, b) -> float | None:
+    """Pearson r to 3 decimals; None (JSON null, as cellularity_pct.py) when undefined."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
+        return None
     return round(float(np.corrcoef(a, b)[0, 1]), 3)
 
 
@@ -39,9 +40,12 @@ def analyse_run(run: Path, root: Path, split: str) -> dict:
     report = run / "predict" / "report.csv"
     if not report.is_file():
         raise DataError(f"{report}: not found; run experiments/cellularity/cellularity_pct.py --out {run} first")
-    truth = {r["id"]: r for r in csv.DictReader(open(root / "cellularity.csv", newline=""))}
+    with open(root / "cellularity.csv", newline="") as f:
+        truth = {r["id"]: r for r in csv.DictReader(f)}
+    with open(report, newline="") as f:
+        predicted = list(csv.DictReader(f))
     images = []
-    for r in csv.DictReader(open(report, newline="")):
+    for r in predicted:
         if r["status"] != "ok":
             continue
         cid = r["image"]
@@ -64,7 +68,7 @@ def analyse_run(run: Path, root: Path, split: str) -> dict:
         for k, name in ((1, "tumour"), (2, "non_tumour")):
             sel = gt == k
             n = max(int(sel.sum()), 1)
-            row[f"true_{name}_as"] = {c: round(float((pred[sel] == j).sum()) / n, 3) for j, c in enumerate(CLASSES)}
+            row[f"true_{name}_as"] = {c: round(float((pred[sel] == j).sum()) / n, 3) for j, c in enumerate(CLASS_NAMES)}
         images.append(row)
     if not images:
         raise DataError(f"{report}: no image predicted")
@@ -83,8 +87,8 @@ def analyse_run(run: Path, root: Path, split: str) -> dict:
             "true_tumour_px_vs_pred_tumour_px": pearson(col("true_tumour_px"), col("pred_tumour_px")),
         },
         "mean_true_non_tumour_as": {c: round(float(np.mean([x["true_non_tumour_as"][c] for x in images])), 3)
-                                    for c in CLASSES},
-        "mean_true_tumour_as": {c: round(float(np.mean([x["true_tumour_as"][c] for x in images])), 3) for c in CLASSES},
+                                    for c in CLASS_NAMES},
+        "mean_true_tumour_as": {c: round(float(np.mean([x["true_tumour_as"][c] for x in images])), 3) for c in CLASS_NAMES},
         "per_image": images,
     }
 
