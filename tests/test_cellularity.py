@@ -375,3 +375,19 @@ def test_cellularity_errors_confusion_on_hand_made_masks(tmp_path):
     write_image(run / "predict" / "masks" / "img.png", encode_cellularity_mask(pred[:, :30]))
     with pytest.raises(DataError, match="img_gt.png"):
         errors.analyse_run(run, root, "test")
+
+
+def test_cellularity_scripts_share_one_pearson_that_is_null_when_undefined():
+    """cellularity_pct.py and cellularity_errors.py report Pearson r through one helper: a constant side or under
+    three values gives None (JSON null), never NaN, which json.dumps would write as invalid JSON."""
+    from tests.helpers_scripts import load_experiment_script
+
+    pct = load_experiment_script("cellularity/cellularity_pct")
+    errors = load_experiment_script("cellularity/cellularity_errors")
+    # one definition (the two loaders give two module objects, so compare where the function was defined)
+    assert errors.pearson.__code__.co_filename == pct.pearson.__code__.co_filename
+    assert pct.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == 1.0
+    assert pct.pearson([1, 2, 3, 4], [8, 6, 4, 2]) == -1.0
+    assert pct.pearson([1, 2, 3, 4], [85.0, 85.0, 85.0, 85.0]) is None  # a model predicting one value everywhere
+    assert pct.pearson([5, 5, 5], [1, 2, 3]) is None
+    assert pct.pearson([1, 2], [1, 2]) is None

@@ -22,15 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from histoseg.data.readers.cellularity import CLASS_NAMES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cellularity_pct import pearson  # noqa: E402
 
-
-def pearson(a, b) -> float | None:
-    """Pearson r to 3 decimals; None (JSON null, as cellularity_pct.py) when undefined."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return None
-    return round(float(np.corrcoef(a, b)[0, 1]), 3)
+from histoseg.data.readers.cellularity import CLASS_NAMES  # noqa: E402
 
 
 def analyse_run(run: Path, root: Path, split: str) -> dict:
@@ -86,9 +81,8 @@ def analyse_run(run: Path, root: Path, split: str) -> dict:
             "n_non_tumour_vs_pred_non_tumour_px": pearson(col("n_non_tumour"), col("pred_non_tumour_px")),
             "true_tumour_px_vs_pred_tumour_px": pearson(col("true_tumour_px"), col("pred_tumour_px")),
         },
-        "mean_true_non_tumour_as": {c: round(float(np.mean([x["true_non_tumour_as"][c] for x in images])), 3)
-                                    for c in CLASS_NAMES},
-        "mean_true_tumour_as": {c: round(float(np.mean([x["true_tumour_as"][c] for x in images])), 3) for c in CLASS_NAMES},
+        **{f"mean_true_{name}_as": {c: round(float(np.mean([x[f"true_{name}_as"][c] for x in images])), 3)
+                                    for c in CLASS_NAMES} for name in ("non_tumour", "tumour")},
         "per_image": images,
     }
 

@@ -23,6 +23,14 @@ from pathlib import Path
 import numpy as np
 
 
+def pearson(a, b) -> float | None:
+    """Pearson r to 3 decimals; None (JSON null) when undefined: under 3 values or either side constant."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return None
+    return round(float(np.corrcoef(a, b)[0, 1]), 3)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True)
@@ -76,7 +84,7 @@ def main(argv=None) -> dict:
         "ckpt": str(a.ckpt), "images": str(images), "n_images": len(per_image), "n_without_nuclei": int((~ok).sum()),
         "mae_pct_points": round(float(np.abs(err).mean()), 2) if ok.any() else None,
         "bias_pct_points": round(float(err.mean()), 2) if ok.any() else None,
-        "pearson_r": round(float(np.corrcoef(t[ok], p[ok])[0, 1]), 3) if ok.sum() > 2 and t[ok].std() > 0 else None,
+        "pearson_r": pearson(t[ok], p[ok]),
         "const_train_mean_pct": round(const, 2) if const is not None else None,
         "const_mae_pct_points": round(float(np.abs(t - const).mean()), 2) if const is not None else None,
         "true_mean_pct": round(float(t.mean()), 2), "pred_mean_pct": round(float(np.nanmean(p)), 2) if ok.any() else None,
