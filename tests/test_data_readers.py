@@ -303,3 +303,39 @@ def test_stratified_val_keeps_the_test_images_and_gives_brightfield_its_share(ma
     assert written["val"] == strat["val"] and written["meta"]["stratify_val"] is True
     assert written["meta"]["strata"]["val"] == {k: sum(r.stratum_of(c) == k for c in strat["val"])
                                                 for k in ("brightfield_he", "fluorescence")}
+
+
+def test_monuseg_instances_dir_splits_training_masks_only_and_must_match_the_mask(tmp_path):
+    from PIL import Image
+
+    from histoseg.data.io import DataError
+    from histoseg.data.readers.monuseg import MoNuSegReader
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:12, 4:20] = 255  # two touching nuclei, merged in the binary mask
+    split_map = np.zeros((32, 32), np.uint16)
+    split_map[4:12, 4:12], split_map[4:12, 12:20] = 1, 2
+    for part, cid in (("train", "TCGA-AA-0001-01Z"), ("test", "TCGA-BB-0002-01Z")):
+        for sub in ("images", "masks"):
+            (tmp_path / "kit" / part / sub).mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "kit" / part / "images" / f"{cid}.png")
+        Image.fromarray(mask).save(tmp_path / "kit" / part / "masks" / f"{cid}.png")
+    extra = tmp_path / "pseudo"
+    extra.mkdir()
+    for cid in ("TCGA-AA-0001-01Z", "TCGA-BB-0002-01Z"):
+        Image.fromarray(split_map).save(extra / f"{cid}.png")
+
+    assert MoNuSegReader(tmp_path / "kit").read("TCGA-AA-0001-01Z").instances is None
+    r = MoNuSegReader(tmp_path / "kit", instances_dir=extra)
+    s = r.read("TCGA-AA-0001-01Z")
+    assert np.array_equal(s.instances, split_map) and s.meta["instances_from"].endswith("TCGA-AA-0001-01Z.png")
+    assert extra / "TCGA-AA-0001-01Z.png" in r.source_files("TCGA-AA-0001-01Z")
+    assert r.read("TCGA-BB-0002-01Z").instances is None  # the test ground truth is never replaced
+
+    bad = split_map.copy()
+    bad[20, 20] = 3  # a nucleus the annotation does not have
+    Image.fromarray(bad).save(extra / "TCGA-AA-0001-01Z.png")
+    with pytest.raises(DataError, match=r"TCGA-AA-0001-01Z\.png: 1 pixels differ from the nucleus mask"):
+        MoNuSegReader(tmp_path / "kit", instances_dir=extra).read("TCGA-AA-0001-01Z")
+    with pytest.raises(DataError, match="instances_dir is not a folder"):
+        MoNuSegReader(tmp_path / "kit", instances_dir=tmp_path / "nowhere").case_ids()

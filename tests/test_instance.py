@@ -435,3 +435,44 @@ def test_tuning_without_instance_maps_falls_back_to_dice(tmp_path, caplog):
     assert task.postprocess.threshold >= 0.6
     saved = json.loads((tmp_path / "postprocess_tuning.json").read_text())
     assert saved["objective"] == "dice" and {tuple(sorted(r)) for r in saved["table"]} == {("dice", "min_size", "threshold")}
+
+
+def test_split_mask_splits_a_merged_mask_with_the_models_markers_and_keeps_every_mask_pixel():
+    from histoseg.inference.postprocess import split_mask
+
+    inst = two_touching_discs()
+    fg = inst > 0  # what a binary annotation keeps: the two nuclei as one blob
+    assert ndi.label(fg)[1] == 1
+    maps = perfect_maps(inst, "interior_distance")
+    maps["dist"] = maps["dist"] * 0.9 + 0.05  # a model's maps are never exact
+    pp = PostProcessor(instances="markers", marker_source="interior_distance", marker_threshold=0.7,
+                       min_marker_size=3, min_size=30)
+    out = split_mask(fg, maps, pp)
+    assert np.array_equal(out > 0, fg)  # no pixel enters or leaves the annotated mask
+    assert out.max() == 2 and aji(inst, out) > 0.95
+    # a spurious marker in the far corner of disc 2 gives a sliver, merged back into its neighbour, not dropped
+    maps["interior"] = maps["interior"].copy()
+    maps["dist"] = maps["dist"].copy()
+    ys, xs = np.nonzero(inst == 2)
+    far = np.argmax(xs)
+    for dy in (-1, 0, 1):
+        for dx in (-3, -2, -1):
+            maps["interior"][ys[far] + dy, xs[far] + dx] = 1.0
+            maps["dist"][ys[far] + dy, xs[far] + dx] = 1.0
+    assert split_mask(fg, maps, pp, merge_below=0).max() == 3  # the sliver ...
+    out = split_mask(fg, maps, pp)
+    assert out.max() == 2 and np.array_equal(out > 0, fg) and aji(inst, out) > 0.9  # ... merged, not removed
+
+
+def test_merge_small_instances_merges_into_the_longest_border_and_keeps_isolated_objects():
+    from histoseg.inference.postprocess import merge_small_instances
+
+    a = np.zeros((12, 12), np.int32)
+    a[1:6, 1:6] = 1  # 25 px
+    a[6:9, 1:6] = 2  # 15 px, touches 1 along 5 px
+    a[1:6, 6] = 3  # 5 px, touches 1 along 5 px and 2 diagonally
+    a[10, 10] = 4  # isolated 1 px
+    out = merge_small_instances(a, 10)
+    assert out.max() == 3 and np.array_equal(out > 0, a > 0)
+    assert len(np.unique(out[a == 3])) == 1 and out[a == 3][0] == out[a == 1][0]  # joined its long neighbour
+    assert out[a == 2][0] != out[a == 1][0] and out[10, 10] > 0  # 15 px stays; the isolated pixel is kept

@@ -18,7 +18,10 @@ Two layouts are read, per split folder, so users with the original download need
 
 Classes: background / nucleus. The official train / test split is the publisher's (``split.strategy:
 official``); validation is carved from train by patient (TCGA barcode ``TCGA-XX-XXXX``). Instance maps come
-from ``instances/`` or the XML; images without either have ``Sample.instances = None``.
+from ``instances/`` or the XML; images without either have ``Sample.instances = None``, unless ``instances_dir``
+names a folder of ``<id>.png`` maps for them (training images only; e.g. pseudo instance maps that split the
+annotated mask, made by ``experiments/monuseg_instance_pseudo/make_pseudo.py``): such a map must label exactly
+the mask's nucleus pixels.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ class _Entry:
     mask: Path | None = None
     instances: Path | None = None
     xml: Path | None = None
+    extra: bool = False  # instances from ``instances_dir`` (e.g. pseudo-labels), not from the publisher
 
 
 @register_reader("monuseg")
@@ -118,9 +122,11 @@ class MoNuSegReader(Reader):
         },
     ]
 
-    def __init__(self, root: str | Path | None = None, mask_threshold: int = 128, downloads: list[dict] | None = None):
+    def __init__(self, root: str | Path | None = None, mask_threshold: int = 128, downloads: list[dict] | None = None,
+                 instances_dir: str | Path | None = None):
         super().__init__(root)
         self.mask_threshold = int(mask_threshold)
+        self.instances_dir = None if instances_dir in (None, "") else Path(instances_dir)
         if downloads is not None:
             self.downloads = list(downloads)
         self._idx: dict[str, _Entry] | None = None
@@ -158,6 +164,14 @@ class MoNuSegReader(Reader):
                     if k in idx:
                         raise DataError(f"{e.image}: image id {k!r} is in both the train and the test folder")
                     idx[k] = e
+            if self.instances_dir is not None:
+                if not self.instances_dir.is_dir():
+                    raise DataError(f"{self.instances_dir}: instances_dir is not a folder")
+                extra = list_files(self.instances_dir, (".png", ".tif", ".tiff"))
+                for k, e in idx.items():  # training images annotated by a mask only; never the test images
+                    if e.split == "train" and e.instances is None and not (e.xml is not None and e.xml.is_file()) \
+                            and k in extra:
+                        idx[k] = _Entry(e.split, e.image, e.mask, extra[k], e.xml, extra=True)
             if not idx:
                 raise DataError(
                     f"{root}: no MoNuSeg images found; expected train/images + test/images, or the official "
@@ -205,6 +219,12 @@ class MoNuSegReader(Reader):
             if inst.ndim != 2:
                 raise DataError(f"{e.instances}: instance map must be single-channel, got shape {inst.shape}")
             require_same_shape(image, inst, e.instances, e.image)
+            if e.extra and e.mask is not None:  # an added map splits the annotated mask; it must not redraw it
+                fg = binarise(read_image(e.mask, "gray"), self.mask_threshold) > 0
+                bad = int(((inst > 0) != fg).sum())
+                if bad:
+                    raise DataError(f"{e.instances}: {bad} pixels differ from the nucleus mask {e.mask} "
+                                    f"(an instances_dir map must label exactly the mask's nucleus pixels)")
         elif e.xml is not None and e.xml.is_file():
             inst = rasterise(parse_aperio_xml(e.xml), image.shape[:2])
         if e.mask is not None:
@@ -214,5 +234,5 @@ class MoNuSegReader(Reader):
             mask = (inst > 0).astype(np.uint8)
         return Sample(
             image=image, mask=mask, instances=inst, case_id=case_id, group=self.group_of(case_id),
-            source=str(e.image), meta={"split": e.split},
+            source=str(e.image), meta={"split": e.split, **({"instances_from": str(e.instances)} if e.extra else {})},
         )
