@@ -476,3 +476,16 @@ def test_merge_small_instances_merges_into_the_longest_border_and_keeps_isolated
     assert out.max() == 3 and np.array_equal(out > 0, a > 0)
     assert len(np.unique(out[a == 3])) == 1 and out[a == 3][0] == out[a == 1][0]  # joined its long neighbour
     assert out[a == 2][0] != out[a == 1][0] and out[10, 10] > 0  # 15 px stays; the isolated pixel is kept
+
+
+def test_merge_small_instances_follows_a_chain_of_merges():
+    from histoseg.inference.postprocess import merge_small_instances
+
+    a = np.zeros((12, 20), np.int32)
+    a[2:8, 2:10] = 1  # 48 px
+    a[2:6, 10:12] = 2  # 8 px, touches 1
+    a[3:6, 12:14] = 3  # 6 px, touches only 2, and reaches 2 px past 2's bounding box
+    out = merge_small_instances(a, 15)  # 3 joins 2 (14 px, still small), which then joins 1 with all its pixels
+    assert out.max() == 1 and np.array_equal(out > 0, a > 0)
+    out = merge_small_instances(a, 10)  # 3 joins 2, which is then 14 px and stays
+    assert out.max() == 2 and out[4, 13] == out[4, 10] != out[4, 5]

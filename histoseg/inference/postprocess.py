@@ -197,6 +197,8 @@ def merge_small_instances(inst: np.ndarray, min_size: int) -> np.ndarray:
     boxes = ndi.find_objects(out)
     small = np.nonzero(areas < min_size)[0]
     for i in sorted(small[small > 0], key=lambda j: areas[j]):
+        if areas[i] >= min_size:  # grown past min_size by smaller objects merged into it
+            continue
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in boxes[i - 1])
         win = out[sl]
         me = win == i
@@ -210,6 +212,8 @@ def merge_small_instances(inst: np.ndarray, min_size: int) -> np.ndarray:
             win[me] = target
             areas[target] += areas[i]
             areas[i] = 0
+            boxes[target - 1] = tuple(slice(min(p.start, q.start), max(p.stop, q.stop))  # its box covers both now
+                                      for p, q in zip(boxes[target - 1], boxes[i - 1]))
     return remap_label(out)
 
 
