@@ -5,7 +5,7 @@ The data kit has instance maps for 13 of the 30 training images; in the other 17
 the mask, so the instance targets leave their interiors unsupervised. This splits each of those annotated masks
 into nuclei with a trained (teacher) model's markers and watershed energy (``histoseg.inference.postprocess.
 split_mask``): the mask's pixels stay exactly as annotated, only the splitting comes from the model. The maps go
-to ``--out/<id>.png`` (uint16), to be read with ``dataset.reader.instances_dir=<out>``.
+to ``--out/<id>.png`` (16-bit ids), to be read with ``dataset.reader.instances_dir=<out>``.
 
 Inputs are the maps that ``histoseg-eval ... save_maps=true`` wrote for the teacher (``<run>/maps/<case>.npz``),
 with the teacher's stored post-processing (``<run>/summary.json``). Images that do have a true instance map are
@@ -22,7 +22,6 @@ held-out validation images (an honest estimate) and on the teacher's own trainin
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -34,19 +33,10 @@ from histoseg.data.io import atomic_write_bytes
 from histoseg.data.readers.monuseg import MoNuSegReader
 from histoseg.inference.postprocess import PostProcessor, split_mask
 from histoseg.metrics.instance import instance_scores
+from histoseg.tasks.predict import write_instances
 
 MAP_KEYS = ("probs", "fg", "interior", "dist", "hv")
 KEYS = ("aji", "pq", "dq", "sq")
-
-
-def write_png16(path: Path, inst: np.ndarray) -> None:
-    from PIL import Image
-
-    if inst.max() > np.iinfo(np.uint16).max:
-        raise ValueError(f"{path}: {inst.max()} instances do not fit a uint16 PNG")
-    buf = io.BytesIO()
-    Image.fromarray(inst.astype(np.uint16)).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv=None) -> dict:
@@ -85,10 +75,9 @@ def main(argv=None) -> dict:
                 cc = instance_scores(z["true_instances"], ndi.label(fg)[0])  # the mask alone: touching nuclei merged
                 rows.append({"case_id": f.stem, **{k: s[k] for k in KEYS},
                              **{f"components_{k}": cc[k] for k in KEYS},
-                             "n_true": int(len(np.unique(z["true_instances"])) - 1), "n_pseudo": int(inst.max()),
-                             "n_components": int(cc["n_pred"])})
+                             "n_true": s["n_true"], "n_pseudo": s["n_pred"], "n_components": cc["n_pred"]})
             else:
-                write_png16(args.out / f"{f.stem}.png", inst)
+                write_instances(args.out, f.stem, inst)  # 16-bit PNG (32-bit TIFF past 65535 nuclei), atomic
                 report["written"][f.stem] = {"nuclei": int(inst.max()), "mask_components": int(ndi.label(fg)[1])}
         if rows:
             report["quality"][str(run)] = {

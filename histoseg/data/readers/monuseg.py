@@ -219,17 +219,16 @@ class MoNuSegReader(Reader):
             if inst.ndim != 2:
                 raise DataError(f"{e.instances}: instance map must be single-channel, got shape {inst.shape}")
             require_same_shape(image, inst, e.instances, e.image)
-            if e.extra and e.mask is not None:  # an added map splits the annotated mask; it must not redraw it
-                fg = binarise(read_image(e.mask, "gray"), self.mask_threshold) > 0
-                bad = int(((inst > 0) != fg).sum())
-                if bad:
-                    raise DataError(f"{e.instances}: {bad} pixels differ from the nucleus mask {e.mask} "
-                                    f"(an instances_dir map must label exactly the mask's nucleus pixels)")
         elif e.xml is not None and e.xml.is_file():
             inst = rasterise(parse_aperio_xml(e.xml), image.shape[:2])
         if e.mask is not None:
             mask = binarise(read_image(e.mask, "gray"), self.mask_threshold)
             require_same_shape(image, mask, e.mask, e.image)
+            if e.extra:  # an added map splits the annotated mask; it must not redraw it
+                bad = int(((inst > 0) != (mask > 0)).sum())
+                if bad:
+                    raise DataError(f"{e.instances}: {bad} pixels differ from the nucleus mask {e.mask} "
+                                    f"(an instances_dir map must label exactly the mask's nucleus pixels)")
         else:
             mask = (inst > 0).astype(np.uint8)
         return Sample(
