@@ -66,13 +66,66 @@ def test_resuming_a_finished_run_tunes_and_tests_it(make_cfg, tmp_path):
     with open_dict(again):
         again.paths.output_dir = str(tmp_path / "run")
     first_fit = json.loads((tmp_path / "run" / "timing.json").read_text())["fit_s"]
+    val_before = _epoch_rows(tmp_path / "run")
+    assert [r["epoch"] for r in val_before] == ["0"]
     assert run(again) is None
+    # the training history survives the resume into the same folder (Lightning's own CSVLogger deletes it)
+    # (the test adds columns, so compare the columns the first part wrote)
+    assert [{k: r[k] for k in val_before[0]} for r in _epoch_rows(tmp_path / "run")] == val_before
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["mean"]["dice"] <= 1.0
     # timing.json counts the whole training, not only the resumed (here empty) part
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())
     assert timing["fit_s_parts"][0] == first_fit and len(timing["fit_s_parts"]) == 2
     assert timing["fit_s"] == round(sum(timing["fit_s_parts"]), 1) >= first_fit
+
+
+def _epoch_rows(run_dir: Path) -> list[dict]:
+    """The validation rows (one per epoch) of a run's CSV log."""
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("val/dice")]
+
+
+def test_resume_into_its_own_folder_keeps_the_csv_history_once_per_step(make_cfg, tmp_path):
+    """Resumed where it ran, a run's metrics.csv keeps the epochs before the interruption, loses what was logged
+    after the last checkpoint (trained again), and ends with each epoch once, as an uninterrupted run's."""
+    import csv
+
+    common = ["trainer.max_epochs=2", "dataset.samples_per_epoch=16", "test=false", "tune_postprocess.enabled=false"]
+    cut_cfg = make_cfg(*common)
+    with open_dict(cut_cfg):
+        cut_cfg.paths.output_dir = str(tmp_path / "run")
+        cut_cfg.callbacks.stop = {"_target_": "tests.test_train.StopAfterFirstEpoch"}
+    _, o_cut = train(cut_cfg)
+    step = o_cut["trainer"].global_step
+    log = tmp_path / "run" / "csv" / "metrics.csv"
+    first = _epoch_rows(tmp_path / "run")
+    assert [r["epoch"] for r in first] == ["0"]
+    # what an interrupted second epoch would have left: a row logged after last.ckpt was written
+    with open(log, newline="") as f:
+        header = next(csv.reader(f))
+    with open(log, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=header).writerow({"epoch": 1, "step": step + 1, "val/dice": 0.123456})
+
+    res_cfg = make_cfg(*common, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    with open_dict(res_cfg):
+        res_cfg.paths.output_dir = str(tmp_path / "run")
+    train(res_cfg)
+    rows = _epoch_rows(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert {k: rows[0][k] for k in first[0]} == first[0]  # the epoch before the interruption, as it was logged
+    assert float(rows[1]["val/dice"]) != 0.123456 and int(rows[1]["step"]) >= step
+    assert len(_fit_minutes(tmp_path / "run")) == 2
+
+    # a fresh run (no ckpt_path) in the same folder starts a new history instead of appending to the old one
+    fresh = make_cfg("trainer.max_epochs=1", "dataset.samples_per_epoch=16", "test=false",
+                     "tune_postprocess.enabled=false")
+    with open_dict(fresh):
+        fresh.paths.output_dir = str(tmp_path / "run")
+    train(fresh)
+    assert [r["epoch"] for r in _epoch_rows(tmp_path / "run")] == ["0"]
 
 
 def _fit_minutes(run_dir: Path) -> list[float]:

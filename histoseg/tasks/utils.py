@@ -34,9 +34,11 @@ def build(node, what: str, **kwargs):
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
     """The Lightning Trainer from ``cfg.trainer``, with ``precision: auto`` resolved for this machine
     (:mod:`histoseg.utils.precision`); the resolved value is written back into ``cfg`` so run metadata and
-    loggers record what actually ran."""
+    loggers record what actually ran. With histoseg's CSV logger, :class:`~histoseg.utils.loggers.KeepLogHistory`
+    is added, so a run resumed into its own folder keeps its ``metrics.csv`` history."""
     from omegaconf import open_dict
 
+    from histoseg.utils.loggers import CSVLogger, KeepLogHistory
     from histoseg.utils.precision import resolve_precision
 
     tr = cfg.trainer
@@ -46,6 +48,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
             log.info("trainer.precision=%s resolved to %s on this machine", tr.precision, resolved)
         with open_dict(cfg):
             cfg.trainer.precision = resolved
+    if any(isinstance(lg, CSVLogger) for lg in loggers):
+        callbacks = [*callbacks, KeepLogHistory()]
     return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
 
