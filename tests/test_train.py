@@ -80,12 +80,17 @@ def test_resuming_a_finished_run_tunes_and_tests_it(make_cfg, tmp_path):
     assert timing["fit_s"] == round(sum(timing["fit_s_parts"]), 1) >= first_fit
 
 
-def _epoch_rows(run_dir: Path) -> list[dict]:
-    """The validation rows (one per epoch) of a run's CSV log."""
+def _csv_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's CSV log (``csv/metrics.csv``)."""
     import csv
 
     with open(run_dir / "csv" / "metrics.csv") as f:
-        return [r for r in csv.DictReader(f) if r.get("val/dice")]
+        return list(csv.DictReader(f))
+
+
+def _epoch_rows(run_dir: Path) -> list[dict]:
+    """The validation rows (one per epoch) of a run's CSV log."""
+    return [r for r in _csv_rows(run_dir) if r.get("val/dice")]
 
 
 def test_resume_into_its_own_folder_keeps_the_csv_history_once_per_step(make_cfg, tmp_path):
@@ -130,10 +135,7 @@ def test_resume_into_its_own_folder_keeps_the_csv_history_once_per_step(make_cfg
 
 def _fit_minutes(run_dir: Path) -> list[float]:
     """``time/fit_min`` per epoch from a run's CSV log (the WallClock callback)."""
-    import csv
-
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [float(r["time/fit_min"]) for r in csv.DictReader(f) if r.get("time/fit_min")]
+    return [float(r["time/fit_min"]) for r in _csv_rows(run_dir) if r.get("time/fit_min")]
 
 
 def test_resume_from_last_ckpt_continues_at_same_step_and_matches(make_cfg, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -30,26 +29,25 @@ class _KeepingWriter(ExperimentWriter):
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
-    def drop_from(self, step: int) -> int:
-        """Remove the rows (written and buffered) logged at ``step`` or later; returns how many were written ones."""
+    def drop_from(self, step: int) -> None:
+        """Remove the rows (written and buffered) logged at ``step`` or later."""
         self.metrics = [m for m in self.metrics if m.get("step", 0) < step]
         if not self._fs.isfile(self.metrics_file_path):
-            return 0
+            return
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if r.get("step") not in (None, "") and float(r["step"]) < step]
         if len(keep) == len(rows):
-            return 0
+            return
         if not keep:  # nothing before the start step: a fresh file, as Lightning's logger would begin
             self._fs.rm_file(self.metrics_file_path)
             self.metrics_keys = []
-            return len(rows)
+            return
         out = io.StringIO(newline="")
         writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
         writer.writeheader()
         writer.writerows(keep)
         atomic_write_text(self.metrics_file_path, out.getvalue())  # never a half-written history
-        return len(rows) - len(keep)
 
 
 class CSVLogger(_LightningCSVLogger):
@@ -74,5 +72,5 @@ class KeepLogHistory(Callback):
         # each optimiser step, two per batch for a GAN trained with manual optimisation)
         step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
         for lg in trainer.loggers:
-            if isinstance(lg, CSVLogger) and os.path.isdir(lg.log_dir):
+            if isinstance(lg, CSVLogger):
                 lg.experiment.drop_from(step)
