@@ -90,3 +90,32 @@ def test_test_groups_refuse_unknown_groups_all_groups_and_the_official_strategy(
 
     with pytest.raises(ValueError, match="strategy=random"):
         make_split(Official(), "official", 0, test_groups=["g001"])
+
+
+def test_split_file_refuses_test_leakage_and_warns_on_validation_inside_train(tmp_path, caplog):
+    import json
+    import logging
+
+    from histoseg.data.io import DataError
+
+    reader = StrataReader()
+    f = tmp_path / "split.json"
+    # g001_1 is not itself a test image, but its patient (group g001) is: refused like the image itself
+    for train in (["g000_0", "g001_0"], ["g000_0", "g001_1"]):
+        f.write_text(json.dumps({"train": train, "val": ["g002_0"], "test": ["g001_0"]}))
+        with pytest.raises(DataError, match="test leakage"):
+            make_split(reader, file=str(f))
+    f.write_text(json.dumps({"train": ["g000_0"], "val": ["g002_0", "g001_1"], "test": ["g001_0"]}))
+    with pytest.raises(DataError, match="val image"):
+        make_split(reader, file=str(f))
+    # validation inside train (a final model on every non-test image): allowed, with a warning naming the file
+    f.write_text(json.dumps({"train": ["g000_0", "g002_0"], "val": ["g002_0"], "test": ["g001_0"]}))
+    with caplog.at_level(logging.WARNING, logger="histoseg.data.splits"):
+        split = make_split(reader, file=str(f))
+    assert split == {"train": ["g000_0", "g002_0"], "val": ["g002_0"], "test": ["g001_0"]}
+    assert any("also training images" in r.getMessage() and str(f) in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    f.write_text(json.dumps({"train": ["g000_0"], "val": ["g002_0"], "test": ["g001_0"]}))
+    with caplog.at_level(logging.WARNING, logger="histoseg.data.splits"):
+        make_split(reader, file=str(f))
+    assert not caplog.records

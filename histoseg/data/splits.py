@@ -5,12 +5,15 @@ A split never separates a group (patient / case): ids are grouped with ``reader.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from histoseg.data.io import DataError, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def _groups(reader, ids: list[str]) -> dict[str, list[str]]:
@@ -78,7 +81,9 @@ def make_split(
         missing = sorted(set(sum((split.get(k, []) for k in ("train", "val", "test")), [])) - set(ids))
         if missing:
             raise DataError(f"{p}: split names {len(missing)} ids the reader does not have, e.g. {missing[:3]}")
-        return {k: list(split.get(k, [])) for k in ("train", "val", "test")}
+        out = {k: list(split.get(k, [])) for k in ("train", "val", "test")}
+        _check_file_split(reader, out, p)
+        return out
 
     rng = np.random.default_rng(seed)
     official = reader.official_split() if strategy == "official" else None
@@ -127,6 +132,25 @@ def make_split(
     val = sorted(c for g in val_groups for c in g_rest[g])
     train = sorted(i for i in rest if i not in set(val))
     return {"train": train, "val": val, "test": test}
+
+
+def _check_file_split(reader, split: dict[str, list[str]], path: Path) -> None:
+    """A hand-written split may not put a test image, or a test image's group (patient / case), into train or
+    val: that is test leakage, refused. Validation images also in train are allowed (a final model trained on
+    every non-test image, validation then only monitoring), with a warning: checkpoint choice and threshold
+    tuning on those images are no longer held out."""
+    group_of = getattr(reader, "group_of", lambda c: c)
+    test_groups = {group_of(c) for c in split["test"]}
+    for k in ("train", "val"):
+        leaked = sorted(c for c in split[k] if group_of(c) in test_groups)
+        if leaked:
+            raise DataError(f"{path}: {len(leaked)} {k} image(s) share a test image or its group (patient / case), "
+                            f"e.g. {leaked[:3]}: test leakage")
+    both = sorted(set(split["train"]) & set(split["val"]))
+    if both:
+        log.warning("%s: %d validation image(s) are also training images (e.g. %s): validation only monitors; "
+                    "choose a fixed epoch and tune post-processing on a model that did not train on them",
+                    path, len(both), both[:3])
 
 
 def save_split(split: dict[str, list[str]], path: str | Path, meta: dict | None = None) -> None:
