@@ -139,10 +139,9 @@ def _check_file_split(reader, split: dict[str, list[str]], path: Path) -> None:
     val: that is test leakage, refused. Validation images also in train are allowed (a final model trained on
     every non-test image, validation then only monitoring), with a warning: checkpoint choice and threshold
     tuning on those images are no longer held out."""
-    group_of = getattr(reader, "group_of", lambda c: c)
-    test_groups = {group_of(c) for c in split["test"]}
+    test_groups = _groups(reader, split["test"])
     for k in ("train", "val"):
-        leaked = sorted(c for c in split[k] if group_of(c) in test_groups)
+        leaked = sorted(c for c in split[k] if reader.group_of(c) in test_groups)
         if leaked:
             raise DataError(f"{path}: {len(leaked)} {k} image(s) share a test image or its group (patient / case), "
                             f"e.g. {leaked[:3]}: test leakage")
