@@ -69,8 +69,12 @@ def section(name: str, data: dict) -> list[str]:
     tr = (b.get("training") or {}).get("result")
     if tr:
         st = tr["settings"]
+        e = b["training"]
+        # a later `--only training` run replaces this entry but not the file's header command: name its own
+        own = (f"; `{e['command']}` on {e.get('date', '?')}, git {e.get('git', '?')}"
+               if e.get("command") and e["command"] != data.get("command") else "")
         lines.append(f"**Training** ({st['model']}, {st['patch_size']} px, batch {st['batch_size']}, {st['workers']} "
-                     f"worker(s), {st['dataset']}; load {b['training'].get('loadavg_before')}):")
+                     f"worker(s), {st['dataset']}; load {e.get('loadavg_before')}{own}):")
         lines.append("")
         rows = []
         for v in tr["variants"]:
