@@ -6,7 +6,9 @@
 
 Each table lives between ``<!-- results:start -->`` and ``<!-- results:end -->``: the project README gets
 one row per experiment and metric, each ``experiments/<name>/README.md`` its own rows plus the per-seed
-values. Nothing outside the markers is touched. The schema of ``results.json`` is in experiments/README.md;
+values. The project README may also hold ``<!-- headline:start -->`` / ``<!-- headline:end -->``: one row per
+experiment whose results.json has a ``headline`` (the recipe to use for a data set and the metrics to show first).
+Nothing outside the markers is touched. The schema of ``results.json`` is in experiments/README.md;
 means and standard deviations are computed here from the per-seed values (sample std, ddof=1), so the
 tables never disagree with the measurements.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from histoseg.data.io import atomic_write_text
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
 REQUIRED = ("dataset", "split", "command", "hardware", "budget", "metrics")
 
 
@@ -64,6 +67,14 @@ def load_results(path: Path) -> dict:
     source = r.get("source") or {}
     if source and not isinstance(source.get("metrics", {}), dict):
         raise ResultsError(f"{path}: source.metrics must be an object of metric name -> reported value")
+    head = r.get("headline")
+    if head is not None:
+        if (not isinstance(head, dict) or not isinstance(head.get("task"), str) or not isinstance(head.get("rank"), int)
+                or not isinstance(head.get("metrics"), list) or not head["metrics"]):
+            raise ResultsError(f"{path}: 'headline' must be {{\"task\": str, \"rank\": int, \"metrics\": [names]}}")
+        unknown = [m for m in head["metrics"] if m not in r["metrics"]]
+        if unknown:
+            raise ResultsError(f"{path}: headline metric(s) {unknown} are not in 'metrics'")
     r["name"] = path.parent.name
     return r
 
@@ -125,6 +136,33 @@ def main_table(results: list[dict]) -> str:
                       "experiments/*/results.json."])
 
 
+HEADLINE_HEADER = (
+    "| task | recipe (experiment) | ours: mean ± std | runs | target | source reported |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
+def headline_table(results: list[dict]) -> str:
+    """The recipe to use per data set, its first metrics, targets and the source system's numbers, one row each,
+    in ``headline.rank`` order (ties by name)."""
+    chosen = sorted((r for r in results if r.get("headline")), key=lambda r: (r["headline"]["rank"], r["name"]))
+    if not chosen:
+        return "_No headline results yet: no results.json has a 'headline' (see experiments/README.md)._"
+    rows = []
+    for r in chosen:
+        names = r["headline"]["metrics"]
+        ms = [r["metrics"][k] for k in names]
+        ours = "; ".join(f"{k} {m['mean']:.3f}" + (f" ± {m['std']:.3f}" if m["n"] > 1 else "") for k, m in zip(names, ms))
+        ns = {m["n"] for m in ms}
+        runs = "/".join(str(n) for n in sorted(ns)) + (" folds" if r.get("folds") else " seed" + ("s" if max(ns) > 1 else ""))
+        targets, reported = r.get("targets") or {}, (r.get("source") or {}).get("metrics") or {}
+        tgt = "; ".join(f"{k} {_num(targets[k])}" + (" ✓" if m["mean"] >= targets[k] else " ✗")
+                        for k, m in zip(names, ms) if k in targets)
+        src = "; ".join(f"{k} {_num(reported[k])}" for k in names if k in reported)
+        rows.append(f"| {r['headline']['task']} | [{r['name']}](experiments/{r['name']}/) | {ours} | {runs} | {tgt} | {src} |")
+    return "\n".join([HEADLINE_HEADER, *rows])
+
+
 def experiment_table(r: dict) -> str:
     """One experiment's README section: the table, per-seed values, the command and notes."""
     lines = [HEADER, *_rows(r, link=False), ""]
@@ -146,12 +184,12 @@ def experiment_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_between_markers(text: str, table: str, path: Path) -> str:
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ResultsError(f"{path}: needs exactly one '{START}' followed by one '{END}' line")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+def replace_between_markers(text: str, table: str, path: Path, start: str = START, end: str = END) -> str:
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ResultsError(f"{path}: needs exactly one '{start}' followed by one '{end}' line")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
 
 
 def update(root: Path, check: bool = False) -> list[Path]:
@@ -167,6 +205,8 @@ def update(root: Path, check: bool = False) -> list[Path]:
     for path, table in targets:
         old = path.read_text(encoding="utf-8")
         new = replace_between_markers(old, table, path)
+        if path == root / "README.md" and (HEAD_START in new or HEAD_END in new):
+            new = replace_between_markers(new, headline_table(results), path, HEAD_START, HEAD_END)
         if new != old:
             changed.append(path)
             if not check:

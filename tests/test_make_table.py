@@ -265,3 +265,39 @@ def test_collect_keep_collected_adds_seeds_to_an_earlier_results_file(tmp_path, 
     # without the flag the old seeds go, as before
     collect.main(["x", "--runs", str(run(1, 0.9, 0.5)), "--metrics", "dice", *rest])
     assert json.loads((folder / "results.json").read_text())["seeds"] == [1]
+
+
+def test_headline_table_lists_the_chosen_recipes_in_rank_order(tmp_path):
+    """Only experiments with a ``headline`` get a row, in ``rank`` order, with their chosen metrics, targets and
+    the source's numbers; the headline markers are optional and nothing else between them survives."""
+    second = {**FIXTURE, "headline": {"task": "Fixture nuclei", "rank": 2, "metrics": ["dice", "aji"]}}
+    first = {**FIXTURE, "seeds": None, "folds": ["A", "B", "C"],
+             "headline": {"task": "Fixture cases", "rank": 1, "metrics": ["aji"]}}
+    root = project(tmp_path, {"alpha": second, "beta": first, "gamma": FIXTURE})
+    assert mt.main(["--root", str(root)]) == 0  # no headline markers: only the results table is written
+    readme = root / "README.md"
+    readme.write_text(readme.read_text().replace("intro stays\n", "intro stays\n<!-- headline:start -->\nstale\n"
+                                                 "<!-- headline:end -->\n"))
+    assert mt.update(root, check=True) == [readme]
+    mt.update(root)
+    text = readme.read_text()
+    head = text[text.index("<!-- headline:start -->"):text.index("<!-- headline:end -->")]
+    rows = [line for line in head.splitlines() if line.startswith("| Fixture")]
+    assert rows == [
+        "| Fixture cases | [beta](experiments/beta/) | aji 0.200 ± 0.000 | 3 folds | aji 0.300 ✗ |  |",
+        "| Fixture nuclei | [alpha](experiments/alpha/) | dice 0.600 ± 0.100; aji 0.200 ± 0.000 | 3 seeds | "
+        "dice 0.550 ✓; aji 0.300 ✗ | dice 0.550 |",
+    ]
+    assert "stale" not in text and "gamma" not in head
+    assert mt.update(root, check=True) == []
+
+
+@pytest.mark.parametrize("headline,message", [
+    ({"task": "x", "rank": 1, "metrics": ["pq"]}, r"headline metric\(s\) \['pq'\] are not in 'metrics'"),
+    ({"task": "x", "metrics": ["dice"]}, "'headline' must be"),
+])
+def test_a_malformed_headline_names_the_file(tmp_path, headline, message):
+    root = project(tmp_path, {"delta": {**FIXTURE, "headline": headline}})
+    with pytest.raises(mt.ResultsError, match=message) as e:
+        mt.update(root)
+    assert "delta/results.json" in str(e.value)
