@@ -1,0 +1,95 @@
+"""experiments/monuseg_instance_pseudo/pipeline.py: the two-stage MoNuSeg recipe (teacher -> maps -> pseudo maps ->
+students) as one resumable command. The stages' own code is tested elsewhere (training, eval save_maps,
+make_pseudo); here: which command each stage runs with which overrides, the order, skipping finished stages, the
+deadline and the teacher's checkpoint choice, with the runner replaced by a recorder."""
+import json
+
+import pytest
+
+from tests.helpers_scripts import load_experiment_script
+
+pl = load_experiment_script("monuseg_instance_pseudo/pipeline")
+
+
+def fake_teacher(root, seed=0, names=("epoch_011.ckpt", "last.ckpt")):
+    ck = root / "teacher" / "monuseg_instance" / f"seed_{seed}" / "checkpoints"
+    ck.mkdir(parents=True)
+    for n in names:
+        (ck / n).write_bytes(b"x")
+    return ck
+
+
+def test_teacher_checkpoint_is_the_selected_epoch_then_last_then_a_clear_error(tmp_path):
+    ck = fake_teacher(tmp_path, names=("epoch_003.ckpt", "epoch_011.ckpt", "last.ckpt"))
+    run = ck.parent
+    assert pl.teacher_checkpoint(run) == ck / "epoch_011.ckpt"
+    for n in ("epoch_003.ckpt", "epoch_011.ckpt"):
+        (ck / n).unlink()
+    assert pl.teacher_checkpoint(run) == ck / "last.ckpt"
+    (ck / "last.ckpt").unlink()
+    with pytest.raises(FileNotFoundError, match="left no checkpoint"):
+        pl.teacher_checkpoint(run)
+
+
+def test_each_stage_gets_its_own_overrides(tmp_path):
+    a = pl.parse(["--root", str(tmp_path), "--teacher-seed", "4", "--seeds", "0", "2", "--set", "trainer=gpu",
+                  "--eval-set", "device=cuda", "--data-root", str(tmp_path / "monuseg")])
+    ck = fake_teacher(tmp_path, seed=4)
+    shown = {s: [j.shown for j in pl.stage_jobs(s, a, tmp_path)] for s in pl.STAGES}
+    assert shown["teacher"] == [f"python train.py experiment=monuseg_instance seed=4 "
+                                f"hydra.run.dir={tmp_path}/teacher/monuseg_instance/seed_4 trainer=gpu test=false"]
+    assert [s.split()[3] for s in shown["maps"]] == ["split=train", "split=val"]
+    assert all(f"ckpt_path={ck / 'epoch_011.ckpt'}" in s and s.endswith("device=cuda") and "trainer=gpu" not in s
+               and "save_maps=true" in s for s in shown["maps"])
+    assert f"--data-root {tmp_path / 'monuseg'}" in shown["pseudo"][0]
+    assert f"--maps {tmp_path}/teacher_train {tmp_path}/teacher_val" in shown["pseudo"][0]
+    assert len(shown["students"]) == 2
+    for seed, s in zip((0, 2), shown["students"]):
+        assert f"seed={seed} " in s and f"dataset.reader.instances_dir={tmp_path}/instances" in s
+        assert s.endswith("trainer=gpu") and "test=false" not in s and "device=cuda" not in s
+
+
+def test_stages_run_in_order_skip_what_is_done_and_stop_at_a_failure(tmp_path, monkeypatch):
+    (tmp_path / "monuseg" / "train").mkdir(parents=True)
+    ran = []
+
+    def runner(jobs, parallel=1, deadline_s=None, env=None, echo=print):
+        for j in jobs:
+            ran.append((j.name, parallel))
+            if j.name == "monuseg_instance/seed_0" and "teacher" in str(j.run_dir):
+                fake_teacher(tmp_path)  # what the teacher's training leaves
+            j.status = "failed" if j.name in fail else "ok"
+        return jobs
+
+    monkeypatch.setattr(pl.batch, "run_jobs", runner)
+    base = ["--root", str(tmp_path / "r"), "--data-root", str(tmp_path / "monuseg"), "--seeds", "0", "1",
+            "--parallel", "2"]
+    fail = {"pseudo"}
+    tmp_path = tmp_path / "r"
+    assert pl.main(base) == 1
+    assert ran == [("monuseg_instance/seed_0", 1), ("maps/train", 2), ("maps/val", 2), ("pseudo", 1)]
+    state = json.loads((tmp_path / "pipeline.json").read_text())
+    assert [state[s]["status"] for s in ("teacher", "maps", "pseudo")] == ["ok", "ok", "failed"]
+    assert "students" not in state
+    # the rerun resumes at the failed stage
+    ran.clear()
+    fail = set()
+    assert pl.main(base) == 0
+    assert ran == [("pseudo", 1), ("monuseg_instance/seed_0", 2), ("monuseg_instance/seed_1", 2)]
+    # --force reruns a finished stage; nothing else
+    ran.clear()
+    assert pl.main([*base, "--force", "maps"]) == 0
+    assert [n for n, _ in ran] == ["maps/train", "maps/val"]
+
+
+def test_a_deadline_already_spent_starts_nothing_and_exits_1(tmp_path, monkeypatch, capsys):
+    (tmp_path / "monuseg" / "train").mkdir(parents=True)
+    monkeypatch.setattr(pl.batch, "run_jobs", lambda *a, **k: pytest.fail("nothing may start"))
+    assert pl.main(["--root", str(tmp_path / "r"), "--data-root", str(tmp_path / "monuseg"), "--deadline-s", "0"]) == 1
+    assert "teacher: not started (deadline)" in capsys.readouterr().out
+
+
+def test_a_missing_data_folder_is_named_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl.batch, "run_jobs", lambda *a, **k: pytest.fail("nothing may start"))
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'}: no MoNuSeg 'train' folder"):
+        pl.main(["--root", str(tmp_path / "r"), "--data-root", str(tmp_path / "nowhere")])
