@@ -4,9 +4,11 @@ from omegaconf import DictConfig
 
 import histoseg  # noqa: F401  (registers config resolvers)
 from histoseg.tasks.train import run
+from histoseg.tasks.utils import report_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_user_errors
 def main(cfg: DictConfig) -> float | None:
     return run(cfg)
 

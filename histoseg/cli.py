@@ -17,7 +17,10 @@ from histoseg.utils.config import conf_dir
 def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]):
     """Run ``fn`` as a Hydra app over the project's config tree (``conf/<config_name>.yaml``)."""
 
+    from histoseg.tasks.utils import report_user_errors
+
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
+    @report_user_errors
     def main(cfg: DictConfig):
         return fn(cfg)
 

@@ -20,6 +20,38 @@ class ConfigError(ValueError):
     """An invalid configuration, reported before any training starts."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input, not a bug: a wrong option, a missing or unreadable file or folder.
+    Their messages name the file and the problem, so the entry points report them in one line."""
+    from histoseg.data.io import DataError
+
+    return ConfigError, DataError, FileNotFoundError
+
+
+def report_user_errors(fn: Callable) -> Callable:
+    """Wrap a Hydra task function: a user error ends a single run with ``error: <message>`` on stderr and exit
+    status 1 instead of Hydra's tracebacks. ``HYDRA_FULL_ERROR=1`` and multiruns (where Hydra records the failed
+    job) keep Hydra's own handling; other exceptions (bugs) keep their traceback."""
+    import os
+    import sys
+
+    @functools.wraps(fn)
+    def wrap(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except user_errors() as e:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or not HydraConfig.initialized() or \
+                    HydraConfig.get().mode != RunMode.RUN:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrap
+
+
 def build(node, what: str, **kwargs):
     """``hydra.utils.instantiate`` whose errors become one clear sentence naming the config group."""
     try:
@@ -120,6 +152,9 @@ def task_wrapper(fn: Callable) -> Callable:
     def wrap(cfg: DictConfig):
         try:
             return fn(cfg)
+        except user_errors() as e:  # its message says what to fix: no traceback in the log
+            log.error("run failed: %s", e)
+            raise
         except Exception:
             log.exception("run failed")
             raise
