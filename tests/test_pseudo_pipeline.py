@@ -32,21 +32,22 @@ def test_teacher_checkpoint_is_the_selected_epoch_then_last_then_a_clear_error(t
 
 
 def test_each_stage_gets_its_own_overrides(tmp_path):
-    a = pl.parse(["--root", str(tmp_path), "--teacher-seed", "4", "--seeds", "0", "2", "--set", "trainer=gpu",
-                  "--eval-set", "device=cuda", "--data-root", str(tmp_path / "monuseg")])
+    a = pl.parse(["--root", str(tmp_path), "--teacher-seed", "4", "--seeds", "0", "2",
+                  "--set", "trainer=gpu", "dataset.num_workers=4", "--eval-set", "trainer=gpu", "inference.tta=none",
+                  "--data-root", str(tmp_path / "monuseg")])
     ck = fake_teacher(tmp_path, seed=4)
     shown = {s: [j.shown for j in pl.stage_jobs(s, a, tmp_path)] for s in pl.STAGES}
-    assert shown["teacher"] == [f"python train.py experiment=monuseg_instance seed=4 "
-                                f"hydra.run.dir={tmp_path}/teacher/monuseg_instance/seed_4 trainer=gpu test=false"]
+    assert shown["teacher"] == [f"python train.py experiment=monuseg_instance seed=4 hydra.run.dir={tmp_path}/teacher/"
+                                f"monuseg_instance/seed_4 trainer=gpu dataset.num_workers=4 test=false"]
     assert [s.split()[3] for s in shown["maps"]] == ["split=train", "split=val"]
-    assert all(f"ckpt_path={ck / 'epoch_011.ckpt'}" in s and s.endswith("device=cuda") and "trainer=gpu" not in s
-               and "save_maps=true" in s for s in shown["maps"])
+    assert all(f"ckpt_path={ck / 'epoch_011.ckpt'}" in s and s.endswith("trainer=gpu inference.tta=none")
+               and "num_workers" not in s and "save_maps=true" in s for s in shown["maps"])
     assert f"--data-root {tmp_path / 'monuseg'}" in shown["pseudo"][0]
     assert f"--maps {tmp_path}/teacher_train {tmp_path}/teacher_val" in shown["pseudo"][0]
     assert len(shown["students"]) == 2
     for seed, s in zip((0, 2), shown["students"]):
         assert f"seed={seed} " in s and f"dataset.reader.instances_dir={tmp_path}/instances" in s
-        assert s.endswith("trainer=gpu") and "test=false" not in s and "device=cuda" not in s
+        assert s.endswith("trainer=gpu dataset.num_workers=4") and "test=false" not in s and "tta" not in s
 
 
 def test_stages_run_in_order_skip_what_is_done_and_stop_at_a_failure(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 
     python experiments/monuseg_instance_pseudo/pipeline.py --root logs/exp/pseudo --seeds 0 1 2
     python experiments/monuseg_instance_pseudo/pipeline.py ... --parallel 3 --deadline-s 540 \\
-        --set trainer=gpu dataset.num_workers=4 --pack $OUT/runs.tar.gz        # a lent GPU, one call
+        --set trainer=gpu dataset.num_workers=4 --eval-set trainer=gpu --pack $OUT/runs.tar.gz   # a lent GPU
     python experiments/collect.py monuseg_instance_pseudo --runs logs/exp/pseudo/monuseg_instance/seed_* ...
 
 Stages (the commands of ``README.md`` beside this file, run in order; each is a job of ``experiments/batch.py``'s
@@ -91,7 +91,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for the teacher and every student (e.g. trainer=gpu)")
     ap.add_argument("--eval-set", dest="eval_overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                    help="Hydra overrides for the two map evaluations (e.g. device=cuda)")
+                    help="Hydra overrides for the two map evaluations (e.g. trainer=gpu)")
     ap.add_argument("--data-root", type=Path, default=None,
                     help="the MoNuSeg folder (default: <HISTOSEG_DATA or ../shared/data>/monuseg)")
     ap.add_argument("--force", nargs="*", choices=STAGES, default=None,
