@@ -94,3 +94,30 @@ def test_a_missing_data_folder_is_named_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(pl.batch, "run_jobs", lambda *a, **k: pytest.fail("nothing may start"))
     with pytest.raises(SystemExit, match=f"{tmp_path / 'nowhere'}: no MoNuSeg 'train' folder"):
         pl.main(["--root", str(tmp_path / "r"), "--data-root", str(tmp_path / "nowhere")])
+
+
+def test_a_rerun_keeps_the_students_already_tested(tmp_path, monkeypatch):
+    """A deadline that stopped the students stage: the seeds whose test finished (summary.json) are not trained
+    again; ``--force students`` trains them all."""
+    (tmp_path / "monuseg" / "train").mkdir(parents=True)
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "pipeline.json").write_text(json.dumps({s: {"status": "ok"} for s in ("teacher", "maps", "pseudo")}))
+    done = root / "monuseg_instance" / "seed_1"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
+    ran = []
+
+    def runner(jobs, **kw):
+        for j in jobs:
+            ran.append(j.name)
+            j.status = "ok"
+        return jobs
+
+    monkeypatch.setattr(pl.batch, "run_jobs", runner)
+    base = ["--root", str(root), "--data-root", str(tmp_path / "monuseg"), "--seeds", "0", "1", "2"]
+    assert pl.main(base) == 0
+    assert ran == ["monuseg_instance/seed_0", "monuseg_instance/seed_2"]
+    ran.clear()
+    assert pl.main([*base, "--force", "students"]) == 0
+    assert ran == ["monuseg_instance/seed_0", "monuseg_instance/seed_1", "monuseg_instance/seed_2"]

@@ -18,8 +18,9 @@ runner, with one log per job under ``--root``):
 
 No test image is touched before stage 4's test: the teacher trains on the training split and is selected and tuned
 on the validation images, the maps cover training and validation images only. ``<root>/pipeline.json`` records each
-stage; a rerun skips the stages recorded as done (``--force`` reruns them), so a run stopped by ``--deadline-s``
-resumes where it stopped. ``--set`` overrides go to every training run, ``--eval-set`` to the two map evaluations.
+stage; a rerun skips the stages recorded as done (``--force`` reruns them), and of an unfinished students stage
+the students already tested (their ``summary.json`` exists), so a run stopped by ``--deadline-s`` resumes where it
+stopped (a student stopped mid-training starts again). ``--set`` overrides go to every training run, ``--eval-set`` to the two map evaluations.
 Exit status 0 only when every stage and every student finished.
 """
 from __future__ import annotations
@@ -76,8 +77,11 @@ def stage_jobs(stage: str, a: argparse.Namespace, root: Path) -> list[batch.Job]
         return [batch.Job(name="pseudo", log=root / "pseudo.log", cmd=[sys.executable, str(HERE / "make_pseudo.py"), *args],
                           shown=" ".join(["python", "experiments/monuseg_instance_pseudo/make_pseudo.py", *args]))]
     if stage == "students":
-        return batch.make_jobs([PRESET], a.seeds, root, [f"dataset.reader.instances_dir={root / 'instances'}",
+        jobs = batch.make_jobs([PRESET], a.seeds, root, [f"dataset.reader.instances_dir={root / 'instances'}",
                                                          *a.overrides])
+        if a.force is None or (a.force and "students" not in a.force):  # a student that was tested is done
+            jobs = [j for j in jobs if not (j.run_dir / "summary.json").is_file()]
+        return jobs
     raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
 
 
