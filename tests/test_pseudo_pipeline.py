@@ -1,5 +1,5 @@
 """experiments/monuseg_instance_pseudo/pipeline.py: the two-stage MoNuSeg recipe (teacher -> maps -> pseudo maps ->
-students) as one resumable command. The stages' own code is tested elsewhere (training, eval save_maps,
+students -> TCIA crops) as one resumable command. The stages' own code is tested elsewhere (training, eval save_maps,
 make_pseudo); here: which command each stage runs with which overrides, the order, skipping finished stages, the
 deadline and the teacher's checkpoint choice, with the runner replaced by a recorder."""
 import json
@@ -11,24 +11,41 @@ from tests.helpers_scripts import load_experiment_script
 pl = load_experiment_script("monuseg_instance_pseudo/pipeline")
 
 
-def fake_teacher(root, seed=0, names=("epoch_011.ckpt", "last.ckpt")):
-    ck = root / "teacher" / "monuseg_instance" / f"seed_{seed}" / "checkpoints"
-    ck.mkdir(parents=True)
+def fake_run(run, names=("epoch_011.ckpt", "last.ckpt")):
+    """What a training run leaves for the next stage: its checkpoints."""
+    ck = run / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
     for n in names:
         (ck / n).write_bytes(b"x")
     return ck
 
 
+def fake_teacher(root, seed=0, names=("epoch_011.ckpt", "last.ckpt")):
+    return fake_run(root / "teacher" / "monuseg_instance" / f"seed_{seed}", names)
+
+
+def recorder(ran, fail=()):
+    """A stand-in for batch.run_jobs: records (job, parallel), leaves checkpoints where training would."""
+    def run_jobs(jobs, parallel=1, deadline_s=None, env=None, echo=print):
+        for j in jobs:
+            ran.append((j.name, parallel))
+            if j.name.startswith("monuseg_instance/"):
+                fake_run(j.run_dir)
+            j.status = "failed" if j.name in fail else "ok"
+        return jobs
+    return run_jobs
+
+
 def test_teacher_checkpoint_is_the_selected_epoch_then_last_then_a_clear_error(tmp_path):
     ck = fake_teacher(tmp_path, names=("epoch_003.ckpt", "epoch_011.ckpt", "last.ckpt"))
     run = ck.parent
-    assert pl.teacher_checkpoint(run) == ck / "epoch_011.ckpt"
+    assert pl.selected_checkpoint(run) == ck / "epoch_011.ckpt"
     for n in ("epoch_003.ckpt", "epoch_011.ckpt"):
         (ck / n).unlink()
-    assert pl.teacher_checkpoint(run) == ck / "last.ckpt"
+    assert pl.selected_checkpoint(run) == ck / "last.ckpt"
     (ck / "last.ckpt").unlink()
-    with pytest.raises(FileNotFoundError, match="left no checkpoint"):
-        pl.teacher_checkpoint(run)
+    with pytest.raises(FileNotFoundError, match="the run left no checkpoint"):
+        pl.selected_checkpoint(run)
 
 
 def test_each_stage_gets_its_own_overrides(tmp_path):
@@ -36,6 +53,7 @@ def test_each_stage_gets_its_own_overrides(tmp_path):
                   "--set", "trainer=gpu", "dataset.num_workers=4", "--eval-set", "trainer=gpu", "inference.tta=none",
                   "--data-root", str(tmp_path / "monuseg")])
     ck = fake_teacher(tmp_path, seed=4)
+    students = [fake_run(tmp_path / "monuseg_instance" / f"seed_{s}", ("epoch_009.ckpt",)) for s in (0, 2)]
     shown = {s: [j.shown for j in pl.stage_jobs(s, a, tmp_path)] for s in pl.STAGES}
     assert shown["teacher"] == [f"python train.py experiment=monuseg_instance seed=4 hydra.run.dir={tmp_path}/teacher/"
                                 f"monuseg_instance/seed_4 trainer=gpu dataset.num_workers=4 test=false"]
@@ -48,35 +66,29 @@ def test_each_stage_gets_its_own_overrides(tmp_path):
     for seed, s in zip((0, 2), shown["students"]):
         assert f"seed={seed} " in s and f"dataset.reader.instances_dir={tmp_path}/instances" in s
         assert s.endswith("trainer=gpu dataset.num_workers=4") and "test=false" not in s and "tta" not in s
+    # each student's own selected checkpoint on every TCIA crop, with the evaluation overrides
+    assert shown["tcia"] == [f"histoseg-eval ckpt_path={ck / 'epoch_009.ckpt'} dataset=tcia_nuclei split=all "
+                             f"hydra.run.dir={tmp_path}/tcia_seed_{seed} trainer=gpu inference.tta=none"
+                             for seed, ck in zip((0, 2), students)]
 
 
 def test_stages_run_in_order_skip_what_is_done_and_stop_at_a_failure(tmp_path, monkeypatch):
     (tmp_path / "monuseg" / "train").mkdir(parents=True)
+    root = tmp_path / "r"
+    base = ["--root", str(root), "--data-root", str(tmp_path / "monuseg"), "--seeds", "0", "1", "--parallel", "2"]
     ran = []
-
-    def runner(jobs, parallel=1, deadline_s=None, env=None, echo=print):
-        for j in jobs:
-            ran.append((j.name, parallel))
-            if j.name == "monuseg_instance/seed_0" and "teacher" in str(j.run_dir):
-                fake_teacher(tmp_path)  # what the teacher's training leaves
-            j.status = "failed" if j.name in fail else "ok"
-        return jobs
-
-    monkeypatch.setattr(pl.batch, "run_jobs", runner)
-    base = ["--root", str(tmp_path / "r"), "--data-root", str(tmp_path / "monuseg"), "--seeds", "0", "1",
-            "--parallel", "2"]
-    fail = {"pseudo"}
-    tmp_path = tmp_path / "r"
+    monkeypatch.setattr(pl.batch, "run_jobs", recorder(ran, fail={"pseudo"}))
     assert pl.main(base) == 1
     assert ran == [("monuseg_instance/seed_0", 1), ("maps/train", 2), ("maps/val", 2), ("pseudo", 1)]
-    state = json.loads((tmp_path / "pipeline.json").read_text())
+    state = json.loads((root / "pipeline.json").read_text())
     assert [state[s]["status"] for s in ("teacher", "maps", "pseudo")] == ["ok", "ok", "failed"]
     assert "students" not in state
     # the rerun resumes at the failed stage
     ran.clear()
-    fail = set()
+    monkeypatch.setattr(pl.batch, "run_jobs", recorder(ran))
     assert pl.main(base) == 0
-    assert ran == [("pseudo", 1), ("monuseg_instance/seed_0", 2), ("monuseg_instance/seed_1", 2)]
+    assert ran == [("pseudo", 1), ("monuseg_instance/seed_0", 2), ("monuseg_instance/seed_1", 2),
+                   ("tcia/seed_0", 2), ("tcia/seed_1", 2)]
     # --force reruns a finished stage; nothing else
     ran.clear()
     assert pl.main([*base, "--force", "maps"]) == 0
@@ -106,18 +118,13 @@ def test_a_rerun_keeps_the_students_already_tested(tmp_path, monkeypatch):
     done = root / "monuseg_instance" / "seed_1"
     done.mkdir(parents=True)
     (done / "summary.json").write_text("{}")
+    fake_run(done)
     ran = []
-
-    def runner(jobs, **kw):
-        for j in jobs:
-            ran.append(j.name)
-            j.status = "ok"
-        return jobs
-
-    monkeypatch.setattr(pl.batch, "run_jobs", runner)
+    monkeypatch.setattr(pl.batch, "run_jobs", recorder(ran))
     base = ["--root", str(root), "--data-root", str(tmp_path / "monuseg"), "--seeds", "0", "1", "2"]
     assert pl.main(base) == 0
-    assert ran == ["monuseg_instance/seed_0", "monuseg_instance/seed_2"]
+    assert [n for n, _ in ran] == ["monuseg_instance/seed_0", "monuseg_instance/seed_2",
+                                   "tcia/seed_0", "tcia/seed_1", "tcia/seed_2"]
     ran.clear()
     assert pl.main([*base, "--force", "students"]) == 0
-    assert ran == ["monuseg_instance/seed_0", "monuseg_instance/seed_1", "monuseg_instance/seed_2"]
+    assert [n for n, _ in ran] == ["monuseg_instance/seed_0", "monuseg_instance/seed_1", "monuseg_instance/seed_2"]

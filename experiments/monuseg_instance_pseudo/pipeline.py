@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The recommended MoNuSeg recipe in one command: teacher -> its maps -> pseudo instance maps -> students.
+"""The recommended MoNuSeg recipe in one command: teacher -> its maps -> pseudo instance maps -> students -> TCIA.
 
     python experiments/monuseg_instance_pseudo/pipeline.py --root logs/exp/pseudo --seeds 0 1 2
     python experiments/monuseg_instance_pseudo/pipeline.py ... --parallel 3 --deadline-s 540 \\
@@ -14,14 +14,16 @@ runner, with one log per job under ``--root``):
 2. ``maps``: ``histoseg-eval ... save_maps=true`` of that checkpoint on the training and the validation images;
 3. ``pseudo``: ``make_pseudo.py`` splits the 17 mask-only training masks with the teacher's maps;
 4. ``students``: ``train.py experiment=monuseg_instance dataset.reader.instances_dir=<pseudo maps>`` per seed,
-   ``--parallel`` at a time, each tested on the official test images as usual.
+   ``--parallel`` at a time, each tested on the official test images as usual;
+5. ``tcia``: ``histoseg-eval`` of each student's selected checkpoint on all 10 TCIA nuclei crops (an unseen source,
+   no retraining), into ``<root>/tcia_seed_<s>``.
 
 No test image is touched before stage 4's test: the teacher trains on the training split and is selected and tuned
 on the validation images, the maps cover training and validation images only. ``<root>/pipeline.json`` records each
 stage; a rerun skips the stages recorded as done (``--force`` reruns them), and of an unfinished students stage
 the students already tested (their ``summary.json`` exists), so a run stopped by ``--deadline-s`` resumes where it
-stopped (a student stopped mid-training starts again). ``--set`` overrides go to every training run, ``--eval-set`` to the two map evaluations.
-Exit status 0 only when every stage and every student finished.
+stopped (a student stopped mid-training starts again). ``--set`` overrides go to every training run,
+``--eval-set`` to the evaluations (maps and TCIA). Exit status 0 only when every stage and every job finished.
 """
 from __future__ import annotations
 
@@ -42,18 +44,19 @@ from histoseg.utils.config import data_root  # noqa: E402
 from histoseg.utils.machine import available_cores  # noqa: E402
 
 PRESET = "monuseg_instance"
-STAGES = ("teacher", "maps", "pseudo", "students")
+EVAL = "from histoseg.cli import eval_main; eval_main()"  # histoseg-eval, also where the package is not installed
+STAGES = ("teacher", "maps", "pseudo", "students", "tcia")
 
 
-def teacher_checkpoint(run: Path) -> Path:
-    """The teacher's selected checkpoint: its ``epoch_NNN.ckpt`` (the best by validation Dice; the latest if a
-    resumed run left several), else ``last.ckpt``."""
+def selected_checkpoint(run: Path) -> Path:
+    """A run's selected checkpoint: its ``epoch_NNN.ckpt`` (the best by validation Dice; the latest if a resumed
+    run left several), else ``last.ckpt``."""
     best = sorted((run / "checkpoints").glob("epoch_*.ckpt"))
     if best:
         return best[-1]
     if (run / "checkpoints" / "last.ckpt").is_file():
         return run / "checkpoints" / "last.ckpt"
-    raise FileNotFoundError(f"{run / 'checkpoints'}: the teacher run left no checkpoint")
+    raise FileNotFoundError(f"{run / 'checkpoints'}: the run left no checkpoint")
 
 
 def stage_jobs(stage: str, a: argparse.Namespace, root: Path) -> list[batch.Job]:
@@ -62,13 +65,13 @@ def stage_jobs(stage: str, a: argparse.Namespace, root: Path) -> list[batch.Job]
     if stage == "teacher":
         return batch.make_jobs([PRESET], [a.teacher_seed], root / "teacher", [*a.overrides, "test=false"])
     if stage == "maps":
-        ckpt = teacher_checkpoint(teacher_run)
+        ckpt = selected_checkpoint(teacher_run)
         jobs = []
         for split in ("train", "val"):
             args = [f"ckpt_path={ckpt}", "dataset=monuseg", f"split={split}", "save_maps=true",
                     f"hydra.run.dir={root / f'teacher_{split}'}", *a.eval_overrides]
             jobs.append(batch.Job(name=f"maps/{split}", log=root / f"teacher_{split}.log", run_dir=root / f"teacher_{split}",
-                                  cmd=[sys.executable, "-c", "from histoseg.cli import eval_main; eval_main()", *args],
+                                  cmd=[sys.executable, "-c", EVAL, *args],
                                   shown=" ".join(["histoseg-eval", *args])))
         return jobs
     if stage == "pseudo":
@@ -81,6 +84,15 @@ def stage_jobs(stage: str, a: argparse.Namespace, root: Path) -> list[batch.Job]
                                                          *a.overrides])
         if a.force is None or (a.force and "students" not in a.force):  # a student that was tested is done
             jobs = [j for j in jobs if not (j.run_dir / "summary.json").is_file()]
+        return jobs
+    if stage == "tcia":
+        jobs = []
+        for seed in a.seeds:
+            args = [f"ckpt_path={selected_checkpoint(root / PRESET / f'seed_{seed}')}", "dataset=tcia_nuclei",
+                    "split=all", f"hydra.run.dir={root / f'tcia_seed_{seed}'}", *a.eval_overrides]
+            jobs.append(batch.Job(name=f"tcia/seed_{seed}", log=root / f"tcia_seed_{seed}.log",
+                                  run_dir=root / f"tcia_seed_{seed}", cmd=[sys.executable, "-c", EVAL, *args],
+                                  shown=" ".join(["histoseg-eval", *args])))
         return jobs
     raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
 
@@ -95,7 +107,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for the teacher and every student (e.g. trainer=gpu)")
     ap.add_argument("--eval-set", dest="eval_overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                    help="Hydra overrides for the two map evaluations (e.g. trainer=gpu)")
+                    help="Hydra overrides for the evaluations (maps, TCIA; e.g. trainer=gpu)")
     ap.add_argument("--data-root", type=Path, default=None,
                     help="the MoNuSeg folder (default: <HISTOSEG_DATA or ../shared/data>/monuseg)")
     ap.add_argument("--force", nargs="*", choices=STAGES, default=None,
