@@ -24,11 +24,14 @@ def fake_teacher(root, seed=0, names=("epoch_011.ckpt", "last.ckpt")):
     return fake_run(root / "teacher" / "monuseg_instance" / f"seed_{seed}", names)
 
 
-def recorder(ran, fail=()):
-    """A stand-in for batch.run_jobs: records (job, parallel), leaves checkpoints where training would."""
+def recorder(ran, fail=(), threads=None):
+    """A stand-in for batch.run_jobs: records (job, parallel) and each job's torch threads, leaves checkpoints
+    where training would."""
     def run_jobs(jobs, parallel=1, deadline_s=None, env=None, echo=print):
         for j in jobs:
             ran.append((j.name, parallel))
+            if threads is not None:
+                threads[("teacher " if "teacher" in j.log.parts else "") + j.name] = env["OMP_NUM_THREADS"]
             if j.name.startswith("monuseg_instance/"):
                 fake_run(j.run_dir)
             j.status = "failed" if j.name in fail else "ok"
@@ -128,3 +131,25 @@ def test_a_rerun_keeps_the_students_already_tested(tmp_path, monkeypatch):
     ran.clear()
     assert pl.main([*base, "--force", "students"]) == 0
     assert [n for n, _ in ran] == ["monuseg_instance/seed_0", "monuseg_instance/seed_1", "monuseg_instance/seed_2"]
+
+
+def test_each_stage_shares_the_cores_among_the_jobs_it_runs_at_once(tmp_path, monkeypatch):
+    """With --parallel 2 on 4 cores: the teacher and make_pseudo run alone with 4 threads, the paired jobs with 2
+    each; a stage with one job left takes all 4; an OMP_NUM_THREADS the user set wins."""
+    (tmp_path / "monuseg" / "train").mkdir(parents=True)
+    monkeypatch.setattr(pl, "available_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = {}
+    monkeypatch.setattr(pl.batch, "run_jobs", recorder([], threads=threads))
+    base = ["--data-root", str(tmp_path / "monuseg"), "--parallel", "2"]
+    assert pl.main(["--root", str(tmp_path / "a"), "--seeds", "0", "1", *base]) == 0
+    assert threads == {"teacher monuseg_instance/seed_0": "4", "maps/train": "2", "maps/val": "2", "pseudo": "4",
+                       "monuseg_instance/seed_0": "2", "monuseg_instance/seed_1": "2", "tcia/seed_0": "2",
+                       "tcia/seed_1": "2"}
+    threads.clear()
+    assert pl.main(["--root", str(tmp_path / "b"), "--seeds", "0", *base]) == 0  # the students stage: one job
+    assert threads["monuseg_instance/seed_0"] == "4" and threads["tcia/seed_0"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    threads.clear()
+    assert pl.main(["--root", str(tmp_path / "c"), "--seeds", "0", "1", *base]) == 0
+    assert set(threads.values()) == {"3"}

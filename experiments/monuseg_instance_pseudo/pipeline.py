@@ -59,6 +59,11 @@ def selected_checkpoint(run: Path) -> Path:
     raise FileNotFoundError(f"{run / 'checkpoints'}: the run left no checkpoint")
 
 
+def stage_threads(parallel: int) -> int:
+    """Torch threads per job when ``parallel`` jobs share the machine's cores."""
+    return max(1, available_cores() // parallel)
+
+
 def stage_jobs(stage: str, a: argparse.Namespace, root: Path) -> list[batch.Job]:
     """The jobs of one stage (the teacher's checkpoint must exist for the stages after it)."""
     teacher_run = root / "teacher" / PRESET / f"seed_{a.teacher_seed}"
@@ -138,9 +143,7 @@ def main(argv=None) -> int:
         return 0
     if not (a.data_root / "train").is_dir():
         raise SystemExit(f"{a.data_root}: no MoNuSeg 'train' folder there; pass --data-root or set HISTOSEG_DATA")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, available_cores() // a.parallel)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    base_env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     ok = True
@@ -154,8 +157,11 @@ def main(argv=None) -> int:
             ok = False
             break
         jobs = stage_jobs(stage, a, root)
-        parallel = 1 if stage in ("teacher", "pseudo") else a.parallel
-        batch.run_jobs(jobs, parallel=parallel, deadline_s=left, env=env, echo=lambda m: print(m.replace("[batch]", "[pipeline]")))
+        parallel = 1 if stage in ("teacher", "pseudo") else max(1, min(a.parallel, len(jobs)))
+        # the cores shared among the jobs running at once (the teacher alone gets them all), unless set by the user
+        env = {**base_env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(stage_threads(parallel))}
+        batch.run_jobs(jobs, parallel=parallel, deadline_s=left, env=env,
+                       echo=lambda m: print(m.replace("[batch]", "[pipeline]")))
         status = "ok" if all(j.status == "ok" for j in jobs) else "failed"
         state[stage] = {"status": status, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "jobs": [j.record(t0) for j in jobs]}
