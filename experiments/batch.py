@@ -8,8 +8,8 @@ batch, one log per job, a ``batch.json`` summary, and optionally a tarball of th
 
 Each job is ``python train.py experiment=<name> seed=<s> hydra.run.dir=<root>/<name>/seed_<s> <--set ...>``,
 so ``experiments/collect.py <folder> --runs <root>/<name>/seed_*`` turns the finished runs into a results.json.
-Jobs share the machine: on a GPU they share the device, on a CPU each gets cores / parallel torch threads
-(``OMP_NUM_THREADS``, unless already set). When the deadline passes, running jobs are stopped (their whole
+Jobs share the machine: on a GPU they share the device, on a CPU each gets cores / min(parallel, jobs) torch
+threads (``OMP_NUM_THREADS``, unless already set). When the deadline passes, running jobs are stopped (their whole
 process group, data-loader workers included), jobs not yet started are reported as such, and the summary and
 tarball are still written, so a time-limited machine (a lent GPU) always returns what finished.
 Exit status: 0 when every job finished with status 0, else 1.
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         return 0
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // a.parallel))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // min(a.parallel, len(jobs))))  # jobs at once
     env.setdefault("PYTHONUNBUFFERED", "1")
     t0, started_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root.mkdir(parents=True, exist_ok=True)

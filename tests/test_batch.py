@@ -112,3 +112,18 @@ def test_dry_run_and_unknown_preset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         batch.main(["no_such_preset", "--dry-run"])
     assert "no_such_preset" in capsys.readouterr().err
+
+
+def test_torch_threads_share_the_cores_among_the_jobs_that_run_at_once(tmp_path, monkeypatch):
+    """cores / min(--parallel, jobs): one job with --parallel 2 still gets every core; an OMP_NUM_THREADS the
+    user set wins."""
+    seen = []
+    monkeypatch.setattr(batch, "available_cores", lambda: 4)
+    monkeypatch.setattr(batch, "run_jobs", lambda jobs, env=None, **kw: seen.append(env["OMP_NUM_THREADS"]) or jobs)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for seeds, expected in ((["0"], "4"), (["0", "1"], "2"), (["0", "1", "2"], "2")):
+        batch.main(["synthetic_quick", "--seeds", *seeds, "--parallel", "2", "--root", str(tmp_path / "r")])
+        assert seen.pop() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    batch.main(["synthetic_quick", "--seeds", "0", "--parallel", "2", "--root", str(tmp_path / "r")])
+    assert seen.pop() == "3"
