@@ -153,3 +153,12 @@ def test_each_stage_shares_the_cores_among_the_jobs_it_runs_at_once(tmp_path, mo
     threads.clear()
     assert pl.main(["--root", str(tmp_path / "c"), "--seeds", "0", "1", *base]) == 0
     assert set(threads.values()) == {"3"}
+
+
+def test_dry_run_prints_what_it_can_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pl.batch, "run_jobs", lambda *a, **k: pytest.fail("nothing may start"))
+    assert pl.main(["--root", str(tmp_path), "--seeds", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "python train.py experiment=monuseg_instance seed=0" in out and "make_pseudo.py" in out
+    assert "# maps: once the stage before it has run" in out and "# tcia: once the stage before it has run" in out
+    assert not (tmp_path / "pipeline.json").exists()

@@ -118,8 +118,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--force", nargs="*", choices=STAGES, default=None,
                     help="rerun these stages even if pipeline.json records them as done (no names: all)")
     ap.add_argument("--pack", type=Path, default=None, help="write a .tar.gz of --root without checkpoints at the end")
-    ap.add_argument("--dry-run", action="store_true", help="print the commands (those after the teacher need its "
-                    "checkpoint, so they show a placeholder until it exists) and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands and exit (the maps and TCIA "
+                    "commands need the teacher's / students' checkpoints: a note stands for them until those exist)")
     a = ap.parse_args(argv)
     a.data_root = (a.data_root or Path(data_root()) / "monuseg").resolve()
     return a
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             try:
                 jobs = stage_jobs(stage, a, root)
             except FileNotFoundError:
-                print(f"# {stage}: after the teacher has run (it needs its checkpoint)")
+                print(f"# {stage}: once the stage before it has run (it needs that stage's checkpoints)")
                 continue
             for job in jobs:
                 print(f"# {stage}{' (done: skipped)' if state.get(stage, {}).get('status') == 'ok' else ''}\n{job.shown}")
