@@ -32,8 +32,10 @@ def test_train_with_a_missing_data_folder_prints_one_error_line_and_exits_1(tmp_
     assert r.returncode == 1, r.stderr[-2000:]
     assert f"error: {nowhere}/monuseg: data folder for 'monuseg' not found" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
-    # the run's own log keeps the message too
-    assert f"run failed: {nowhere}/monuseg" in (tmp_path / "run" / "train.log").read_text()
+    # the run's own log keeps the message, and the traceback in case the message is not enough
+    run_log = (tmp_path / "run" / "train.log").read_text()
+    assert f"run failed: {nowhere}/monuseg" in run_log
+    assert "traceback of the error above" in run_log and "Traceback" in run_log and "DataError" in run_log
     # HYDRA_FULL_ERROR=1 asks for the whole trace, as Hydra documents
     r = subprocess.run(cmd, cwd=ROOT, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" in r.stderr and "DataError" in r.stderr

@@ -15,6 +15,10 @@ class DataError(ValueError):
     """Bad input data: the message names the file and the problem."""
 
 
+class MissingFileError(DataError, FileNotFoundError):
+    """A file the user named (a checkpoint, say) does not exist; still a ``FileNotFoundError`` for callers."""
+
+
 def read_image(path: str | Path, mode: str = "rgb") -> np.ndarray:
     """Read an image as ``HxWx3`` uint8 RGB (``mode='rgb'``), ``HxW`` (``'gray'``) or unchanged (``'any'``).
 

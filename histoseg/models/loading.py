@@ -6,14 +6,14 @@ from pathlib import Path
 import hydra
 import torch
 
-from histoseg.data.io import DataError
+from histoseg.data.io import DataError, MissingFileError
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """``torch.load(..., weights_only=True)`` with clear errors (missing file, not a histoseg checkpoint)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found")
+        raise MissingFileError(f"{p}: checkpoint not found")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

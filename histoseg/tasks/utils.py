@@ -21,11 +21,25 @@ class ConfigError(ValueError):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean bad input, not a bug: a wrong option, a missing or unreadable file or folder.
-    Their messages name the file and the problem, so the entry points report them in one line."""
+    """The exceptions histoseg raises on purpose for bad input: a wrong option (``ConfigError``), a missing or
+    unreadable file or folder (``DataError``, ``MissingFileError``). Their messages name the file and the problem,
+    so the entry points report them in one line. Other exceptions (a bare ``FileNotFoundError`` included) are bugs
+    and keep their traceback."""
     from histoseg.data.io import DataError
 
-    return ConfigError, DataError, FileNotFoundError
+    return ConfigError, DataError
+
+
+def _traceback_to_log_files(message: str) -> None:
+    """The current exception's traceback to the run's log file(s) only, not the console: a ``ConfigError`` that
+    ``build`` made of a constructor's exception may still hide a bug, and the log keeps what to look at."""
+    import logging
+    import sys
+
+    record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, message, None, sys.exc_info())
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def report_user_errors(fn: Callable) -> Callable:
@@ -152,8 +166,9 @@ def task_wrapper(fn: Callable) -> Callable:
     def wrap(cfg: DictConfig):
         try:
             return fn(cfg)
-        except user_errors() as e:  # its message says what to fix: no traceback in the log
+        except user_errors() as e:  # its message says what to fix: one line on the console, the trace in the log
             log.error("run failed: %s", e)
+            _traceback_to_log_files("traceback of the error above")
             raise
         except Exception:
             log.exception("run failed")
