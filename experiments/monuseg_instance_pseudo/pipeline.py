@@ -19,17 +19,22 @@ runner, with one log per job under ``--root``):
    no retraining), into ``<root>/tcia_seed_<s>``.
 
 No test image is touched before stage 4's test: the teacher trains on the training split and is selected and tuned
-on the validation images, the maps cover training and validation images only. ``<root>/pipeline.json`` records each
-stage; a rerun skips the stages recorded as done (``--force`` reruns them), and of an unfinished students stage
-the students already tested (their ``summary.json`` exists), so a run stopped by ``--deadline-s`` resumes where it
-stopped (a student stopped mid-training starts again). ``--set`` overrides go to every training run,
-``--eval-set`` to the evaluations (maps and TCIA). Exit status 0 only when every stage and every job finished.
+on the validation images, the maps cover training and validation images only.
+
+``<root>/pipeline.json`` records each stage and the command of each finished job. A rerun skips what is done: the
+stages recorded as finished, and each student or TCIA score whose ``summary.json`` exists, so a run stopped by
+``--deadline-s`` resumes where it stopped (a job that was stopped starts again from scratch, its folder cleared
+first). A finished job asked for with another command (other seeds' overrides, data, teacher) is refused, naming
+both commands; ``--force <stage>`` redoes a stage and every stage after it. ``--set`` overrides go to every training
+run, ``--eval-set`` to the evaluations (maps and TCIA), ``--data-dir`` to all of them. Exit status 0 only when
+every stage and every job finished.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,42 +69,64 @@ def stage_threads(parallel: int) -> int:
     return max(1, available_cores() // parallel)
 
 
+def _eval_job(name: str, run_dir: Path, args: list[str]) -> batch.Job:
+    return batch.Job(name=name, log=run_dir.with_suffix(".log"), run_dir=run_dir, cmd=[sys.executable, "-c", EVAL, *args],
+                     shown=" ".join(["histoseg-eval", *args]))
+
+
 def stage_jobs(stage: str, a: argparse.Namespace, root: Path) -> list[batch.Job]:
-    """The jobs of one stage (the teacher's checkpoint must exist for the stages after it)."""
-    teacher_run = root / "teacher" / PRESET / f"seed_{a.teacher_seed}"
+    """Every job of one stage (the maps need the teacher's checkpoint, TCIA the students')."""
+    data = [f"paths.data_dir={a.data_dir}"]
     if stage == "teacher":
-        return batch.make_jobs([PRESET], [a.teacher_seed], root / "teacher", [*a.overrides, "test=false"])
-    if stage == "maps":
-        ckpt = selected_checkpoint(teacher_run)
-        jobs = []
-        for split in ("train", "val"):
-            args = [f"ckpt_path={ckpt}", "dataset=monuseg", f"split={split}", "save_maps=true",
-                    f"hydra.run.dir={root / f'teacher_{split}'}", *a.eval_overrides]
-            jobs.append(batch.Job(name=f"maps/{split}", log=root / f"teacher_{split}.log", run_dir=root / f"teacher_{split}",
-                                  cmd=[sys.executable, "-c", EVAL, *args],
-                                  shown=" ".join(["histoseg-eval", *args])))
+        jobs = batch.make_jobs([PRESET], [a.teacher_seed], root / "teacher", [*data, *a.overrides, "test=false"])
+        for j in jobs:
+            j.name = f"teacher/seed_{a.teacher_seed}"
         return jobs
+    if stage == "maps":
+        ckpt = selected_checkpoint(root / "teacher" / PRESET / f"seed_{a.teacher_seed}")
+        return [_eval_job(f"maps/{split}", root / f"teacher_{split}",
+                          [f"ckpt_path={ckpt}", "dataset=monuseg", f"split={split}", "save_maps=true",
+                           f"hydra.run.dir={root / f'teacher_{split}'}", *data, *a.eval_overrides])
+                for split in ("train", "val")]
     if stage == "pseudo":
-        args = ["--maps", str(root / "teacher_train"), str(root / "teacher_val"), "--data-root", str(a.data_root),
-                "--out", str(root / "instances"), "--report", str(root / "pseudo_quality.json")]
-        return [batch.Job(name="pseudo", log=root / "pseudo.log", cmd=[sys.executable, str(HERE / "make_pseudo.py"), *args],
+        args = ["--maps", str(root / "teacher_train"), str(root / "teacher_val"), "--data-root",
+                str(a.data_dir / "monuseg"), "--out", str(root / "instances"), "--report", str(root / "pseudo_quality.json")]
+        return [batch.Job(name="pseudo", log=root / "pseudo.log", run_dir=root / "instances",
+                          cmd=[sys.executable, str(HERE / "make_pseudo.py"), *args],
                           shown=" ".join(["python", "experiments/monuseg_instance_pseudo/make_pseudo.py", *args]))]
     if stage == "students":
-        jobs = batch.make_jobs([PRESET], a.seeds, root, [f"dataset.reader.instances_dir={root / 'instances'}",
+        return batch.make_jobs([PRESET], a.seeds, root, [f"dataset.reader.instances_dir={root / 'instances'}", *data,
                                                          *a.overrides])
-        if a.force is None or (a.force and "students" not in a.force):  # a student that was tested is done
-            jobs = [j for j in jobs if not (j.run_dir / "summary.json").is_file()]
-        return jobs
     if stage == "tcia":
-        jobs = []
-        for seed in a.seeds:
-            args = [f"ckpt_path={selected_checkpoint(root / PRESET / f'seed_{seed}')}", "dataset=tcia_nuclei",
-                    "split=all", f"hydra.run.dir={root / f'tcia_seed_{seed}'}", *a.eval_overrides]
-            jobs.append(batch.Job(name=f"tcia/seed_{seed}", log=root / f"tcia_seed_{seed}.log",
-                                  run_dir=root / f"tcia_seed_{seed}", cmd=[sys.executable, "-c", EVAL, *args],
-                                  shown=" ".join(["histoseg-eval", *args])))
-        return jobs
+        return [_eval_job(f"tcia/seed_{seed}", root / f"tcia_seed_{seed}",
+                          [f"ckpt_path={selected_checkpoint(root / PRESET / f'seed_{seed}')}", "dataset=tcia_nuclei",
+                           "split=all", f"hydra.run.dir={root / f'tcia_seed_{seed}'}", *data, *a.eval_overrides])
+                for seed in a.seeds]
     raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+
+
+def forced_stages(force: list[str] | None) -> set[str]:
+    """``--force`` (no names: every stage) and every stage after the first one named: they are built on it."""
+    if force is None:
+        return set()
+    first = min((STAGES.index(s) for s in force), default=0)
+    return set(STAGES[first:])
+
+
+def is_done(job: batch.Job, stage: str, state: dict, root: Path) -> bool:
+    """A job finished in an earlier run with the same command. Students and TCIA scores count as done once their
+    ``summary.json`` exists (a deadline may stop a stage between its jobs); the other stages when ``pipeline.json``
+    records the stage as finished. The same job with another command (other seeds, overrides or data) is refused
+    rather than silently kept or redone."""
+    recorded = state.get("commands", {}).get(str(job.run_dir))
+    if stage in ("students", "tcia"):
+        done = (job.run_dir / "summary.json").is_file()
+    else:
+        done = state.get(stage, {}).get("status") == "ok"
+    if done and recorded is not None and recorded != job.shown:
+        raise SystemExit(f"{root / 'pipeline.json'}: {job.name} was run as\n  {recorded}\nnot as\n  {job.shown}\n"
+                         f"use another --root, or --force {stage} to redo it (and the stages after it)")
+    return done and recorded is not None
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -107,22 +134,61 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--root", type=Path, default=Path("logs/exp/pseudo"), help="every run and log goes below it")
     ap.add_argument("--teacher-seed", type=int, default=0)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the students' seeds")
-    ap.add_argument("--parallel", type=int, default=1, help="students (and map evaluations) running at once")
+    ap.add_argument("--parallel", type=int, default=1, help="students (and evaluations) running at once")
     ap.add_argument("--deadline-s", type=float, default=None, help="stop everything this long after the start")
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for the teacher and every student (e.g. trainer=gpu)")
     ap.add_argument("--eval-set", dest="eval_overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for the evaluations (maps, TCIA; e.g. trainer=gpu)")
-    ap.add_argument("--data-root", type=Path, default=None,
-                    help="the MoNuSeg folder (default: <HISTOSEG_DATA or ../shared/data>/monuseg)")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="the data kit's root, holding monuseg/ and tcia_nuclei/ (default: HISTOSEG_DATA, else "
+                         "../shared/data); every stage reads it (paths.data_dir)")
     ap.add_argument("--force", nargs="*", choices=STAGES, default=None,
-                    help="rerun these stages even if pipeline.json records them as done (no names: all)")
+                    help="redo these stages and every stage after them (no names: all)")
     ap.add_argument("--pack", type=Path, default=None, help="write a .tar.gz of --root without checkpoints at the end")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit (the maps and TCIA "
                     "commands need the teacher's / students' checkpoints: a note stands for them until those exist)")
     a = ap.parse_args(argv)
-    a.data_root = (a.data_root or Path(data_root()) / "monuseg").resolve()
+    if a.parallel < 1:
+        ap.error(f"--parallel must be >= 1, got {a.parallel}")
+    a.data_dir = (a.data_dir or Path(data_root())).resolve()
     return a
+
+
+def run_stages(a: argparse.Namespace, root: Path, state: dict, state_file: Path) -> bool:
+    base_env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+    forced = forced_stages(a.force)
+    t0 = time.monotonic()
+    for stage in STAGES:
+        jobs = stage_jobs(stage, a, root)
+        todo = jobs if stage in forced else [j for j in jobs if not is_done(j, stage, state, root)]
+        if not todo:
+            print(f"[pipeline] {stage}: done in an earlier run, skipped")
+            continue
+        left = None if a.deadline_s is None else a.deadline_s - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            print(f"[pipeline] {stage}: not started (deadline)")
+            return False
+        for j in todo:  # a job starts from scratch: nothing stale (an older checkpoint, maps, a summary) may stay
+            if j.run_dir.exists():
+                shutil.rmtree(j.run_dir)
+            state.setdefault("commands", {}).pop(str(j.run_dir), None)
+        parallel = 1 if stage in ("teacher", "pseudo") else max(1, min(a.parallel, len(todo)))
+        # the cores shared among the jobs running at once (the teacher alone gets them all), unless set by the user
+        env = {**base_env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(stage_threads(parallel))}
+        batch.run_jobs(todo, parallel=parallel, deadline_s=left, env=env,
+                       echo=lambda m: print(m.replace("[batch]", "[pipeline]")))
+        for j in todo:
+            if j.status == "ok":
+                state["commands"][str(j.run_dir)] = j.shown
+        status = "ok" if all(j.status == "ok" for j in todo) else "failed"
+        state[stage] = {"status": status, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "jobs": {**state.get(stage, {}).get("jobs", {}), **{j.name: j.record(t0) for j in todo}}}
+        atomic_write_text(state_file, json.dumps(state, indent=1) + "\n")
+        print(f"[pipeline] {stage}: {status}")
+        if status != "ok":
+            return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -130,8 +196,8 @@ def main(argv=None) -> int:
     root = a.root.resolve()
     state_file = root / "pipeline.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    force = set(STAGES) if a.force == [] else set(a.force or ())
     if a.dry_run:
+        forced = forced_stages(a.force)
         for stage in STAGES:
             try:
                 jobs = stage_jobs(stage, a, root)
@@ -139,40 +205,18 @@ def main(argv=None) -> int:
                 print(f"# {stage}: once the stage before it has run (it needs that stage's checkpoints)")
                 continue
             for job in jobs:
-                print(f"# {stage}{' (done: skipped)' if state.get(stage, {}).get('status') == 'ok' else ''}\n{job.shown}")
+                done = stage not in forced and is_done(job, stage, state, root)
+                print(f"# {job.name}{' (done: skipped)' if done else ''}\n{job.shown}")
         return 0
-    if not (a.data_root / "train").is_dir():
-        raise SystemExit(f"{a.data_root}: no MoNuSeg 'train' folder there; pass --data-root or set HISTOSEG_DATA")
-    base_env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+    if not (a.data_dir / "monuseg" / "train").is_dir():
+        raise SystemExit(f"{a.data_dir / 'monuseg'}: no MoNuSeg 'train' folder there; pass --data-dir or set HISTOSEG_DATA")
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    ok = True
-    for stage in STAGES:
-        if state.get(stage, {}).get("status") == "ok" and stage not in force:
-            print(f"[pipeline] {stage}: done in an earlier run, skipped")
-            continue
-        left = None if a.deadline_s is None else a.deadline_s - (time.monotonic() - t0)
-        if left is not None and left <= 0:
-            print(f"[pipeline] {stage}: not started (deadline)")
-            ok = False
-            break
-        jobs = stage_jobs(stage, a, root)
-        parallel = 1 if stage in ("teacher", "pseudo") else max(1, min(a.parallel, len(jobs)))
-        # the cores shared among the jobs running at once (the teacher alone gets them all), unless set by the user
-        env = {**base_env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(stage_threads(parallel))}
-        batch.run_jobs(jobs, parallel=parallel, deadline_s=left, env=env,
-                       echo=lambda m: print(m.replace("[batch]", "[pipeline]")))
-        status = "ok" if all(j.status == "ok" for j in jobs) else "failed"
-        state[stage] = {"status": status, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "jobs": [j.record(t0) for j in jobs]}
-        atomic_write_text(state_file, json.dumps(state, indent=1) + "\n")
-        print(f"[pipeline] {stage}: {status}")
-        if status != "ok":
-            ok = False
-            break
-    if a.pack:
-        batch.pack(root, a.pack.resolve(), 8.0)
-        print(f"[pipeline] packed {root} -> {a.pack}")
+    try:
+        ok = run_stages(a, root, state, state_file)
+    finally:  # a lent machine returns what finished, whatever stopped the run
+        if a.pack:
+            batch.pack(root, a.pack.resolve(), 8.0)
+            print(f"[pipeline] packed {root} -> {a.pack}")
     return 0 if ok else 1
 
 
