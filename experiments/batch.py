@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pack-max-mb", type=float, default=8.0, help="leave files larger than this out of --pack")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     a = ap.parse_args(argv)
+    if a.parallel < 1:
+        ap.error(f"--parallel must be >= 1, got {a.parallel}")
     known = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
     unknown = [e for e in a.experiments if e not in known]
     if unknown:

@@ -70,6 +70,7 @@ def load_results(path: Path) -> dict:
     head = r.get("headline")
     if head is not None:
         if (not isinstance(head, dict) or not isinstance(head.get("task"), str) or not isinstance(head.get("rank"), int)
+                or isinstance(head.get("rank"), bool)
                 or not isinstance(head.get("metrics"), list) or not head["metrics"]):
             raise ResultsError(f"{path}: 'headline' must be {{\"task\": str, \"rank\": int, \"metrics\": [names]}}")
         unknown = [m for m in head["metrics"] if m not in r["metrics"]]

@@ -127,3 +127,9 @@ def test_torch_threads_share_the_cores_among_the_jobs_that_run_at_once(tmp_path,
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     batch.main(["synthetic_quick", "--seeds", "0", "--parallel", "2", "--root", str(tmp_path / "r")])
     assert seen.pop() == "3"
+
+
+def test_parallel_below_one_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        batch.main(["synthetic_quick", "--parallel", "0", "--root", str(tmp_path)])
+    assert e.value.code == 2 and "--parallel must be >= 1" in capsys.readouterr().err

@@ -295,6 +295,7 @@ def test_headline_table_lists_the_chosen_recipes_in_rank_order(tmp_path):
 @pytest.mark.parametrize("headline,message", [
     ({"task": "x", "rank": 1, "metrics": ["pq"]}, r"headline metric\(s\) \['pq'\] are not in 'metrics'"),
     ({"task": "x", "metrics": ["dice"]}, "'headline' must be"),
+    ({"task": "x", "rank": True, "metrics": ["dice"]}, "'headline' must be"),
 ])
 def test_a_malformed_headline_names_the_file(tmp_path, headline, message):
     root = project(tmp_path, {"delta": {**FIXTURE, "headline": headline}})
