@@ -156,6 +156,16 @@ def pack(root: Path, out: Path, max_mb: float) -> list[str]:
     return left_out
 
 
+def job_env(parallel: int, n_jobs: int) -> dict:
+    """The jobs' environment: the cores shared among the jobs running at once (``min(parallel, n_jobs)``) as torch
+    threads (``OMP_NUM_THREADS``, unless already set) and unbuffered output for the logs."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // min(parallel, n_jobs)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
 def make_jobs(experiments: list[str], seeds: list[int], root: Path, overrides: list[str]) -> list[Job]:
     jobs = []
     for name in experiments:
@@ -193,10 +203,7 @@ def main(argv=None) -> int:
         for job in jobs:
             print(job.shown)
         return 0
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // min(a.parallel, len(jobs))))  # jobs at once
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = job_env(a.parallel, len(jobs))
     t0, started_at = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     root.mkdir(parents=True, exist_ok=True)
     run_jobs(jobs, parallel=a.parallel, deadline_s=a.deadline_s, env=env)

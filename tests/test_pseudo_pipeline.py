@@ -168,7 +168,7 @@ def test_a_missing_data_folder_is_named_before_any_work(tmp_path, monkeypatch):
 def test_each_stage_shares_the_cores_among_the_jobs_it_runs_at_once(tmp_path, kit, monkeypatch):
     """With --parallel 2 on 4 cores: the teacher and make_pseudo run alone with 4 threads, the paired jobs with 2
     each; a stage with one job takes all 4; an OMP_NUM_THREADS the user set wins."""
-    monkeypatch.setattr(pl, "available_cores", lambda: 4)
+    monkeypatch.setattr(pl.batch, "available_cores", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = {}
     monkeypatch.setattr(pl.batch, "run_jobs", recorder([], threads=threads))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -46,7 +45,6 @@ import batch  # noqa: E402
 
 from histoseg.data.io import atomic_write_text  # noqa: E402
 from histoseg.utils.config import data_root  # noqa: E402
-from histoseg.utils.machine import available_cores  # noqa: E402
 
 PRESET = "monuseg_instance"
 EVAL = "from histoseg.cli import eval_main; eval_main()"  # histoseg-eval, also where the package is not installed
@@ -62,11 +60,6 @@ def selected_checkpoint(run: Path) -> Path:
     if (run / "checkpoints" / "last.ckpt").is_file():
         return run / "checkpoints" / "last.ckpt"
     raise FileNotFoundError(f"{run / 'checkpoints'}: the run left no checkpoint")
-
-
-def stage_threads(parallel: int) -> int:
-    """Torch threads per job when ``parallel`` jobs share the machine's cores."""
-    return max(1, available_cores() // parallel)
 
 
 def _eval_job(name: str, run_dir: Path, args: list[str]) -> batch.Job:
@@ -156,7 +149,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def run_stages(a: argparse.Namespace, root: Path, state: dict, state_file: Path) -> bool:
-    base_env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
     forced = forced_stages(a.force)
     t0 = time.monotonic()
     for stage in STAGES:
@@ -173,10 +165,9 @@ def run_stages(a: argparse.Namespace, root: Path, state: dict, state_file: Path)
             if j.run_dir.exists():
                 shutil.rmtree(j.run_dir)
             state.setdefault("commands", {}).pop(str(j.run_dir), None)
-        parallel = 1 if stage in ("teacher", "pseudo") else max(1, min(a.parallel, len(todo)))
+        parallel = 1 if stage in ("teacher", "pseudo") else a.parallel
         # the cores shared among the jobs running at once (the teacher alone gets them all), unless set by the user
-        env = {**base_env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(stage_threads(parallel))}
-        batch.run_jobs(todo, parallel=parallel, deadline_s=left, env=env,
+        batch.run_jobs(todo, parallel=parallel, deadline_s=left, env=batch.job_env(parallel, len(todo)),
                        echo=lambda m: print(m.replace("[batch]", "[pipeline]")))
         for j in todo:
             if j.status == "ok":
