@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,9 +36,6 @@ def user_errors() -> tuple[type[Exception], ...]:
 def _traceback_to_log_files(message: str) -> None:
     """The current exception's traceback to the run's log file(s) only, not the console: a ``ConfigError`` that
     ``build`` made of a constructor's exception may still hide a bug, and the log keeps what to look at."""
-    import logging
-    import sys
-
     record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, message, None, sys.exc_info())
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -46,8 +46,6 @@ def report_user_errors(fn: Callable) -> Callable:
     """Wrap a Hydra task function: a user error ends a single run with ``error: <message>`` on stderr and exit
     status 1 instead of Hydra's tracebacks. ``HYDRA_FULL_ERROR=1`` and multiruns (where Hydra records the failed
     job) keep Hydra's own handling; other exceptions (bugs) keep their traceback."""
-    import os
-    import sys
 
     @functools.wraps(fn)
     def wrap(cfg: DictConfig):
