@@ -102,6 +102,33 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"callbacks.model_checkpoint.monitor={ckpt.monitor!r} differs from monitor={monitor!r}")
 
 
+def apply_time_budget(cfg: DictConfig):
+    """``budget_min=<minutes>``: a :class:`~histoseg.callbacks.TimeBudget` callback instead of the epoch budget.
+
+    Writes into ``cfg`` what then runs (as the precision is): ``trainer.max_epochs=-1`` and ``min_epochs=0``
+    (the time stops the run, also within the first epoch)
+    and ``optimizer.scheduler=null`` (the callback decays the lr over the time, from the optimiser's lr down to
+    the replaced scheduler's ``eta_min``, else 0). Returns the callback, or ``None`` without a budget.
+    """
+    minutes = cfg.get("budget_min")
+    if minutes is None:
+        return None
+    from omegaconf import open_dict
+
+    from histoseg.callbacks import TimeBudget
+
+    sched = (cfg.get("optimizer") or {}).get("scheduler") or {}
+    callback = TimeBudget(minutes=minutes, eta_min=float(sched.get("eta_min", 0.0)))
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = -1
+        cfg.trainer.min_epochs = 0  # Lightning ignores a stop request until min_epochs are done
+        if cfg.get("optimizer") and "scheduler" in cfg.optimizer:
+            cfg.optimizer.scheduler = None
+    log.info("budget_min=%s: training stops after %s min of fitting, lr cosine-decayed over that time "
+             "(trainer.max_epochs and optimizer.scheduler replaced)", minutes, minutes)
+    return callback
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train (and test) from a composed config. Returns ``(metrics, objects)``."""
@@ -116,6 +143,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule.prepare_data()
     datamodule.setup("fit")  # bad data and impossible patch sizes fail here, before training
 
+    budget = apply_time_budget(cfg)  # before the task: it replaces the epoch schedule
     log.info("Instantiating model <%s>", (cfg.model.get("net") or cfg.model).get("_target_"))
     task = build_task(cfg, datamodule)
     if cfg.get("init_from"):
@@ -126,7 +154,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
         n = init_weights_from(task, cfg.init_from)
         log.info("Initialised %d network tensors from %s (fresh optimiser and schedule)", n, cfg.init_from)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + ([budget] if budget is not None else [])
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = build_trainer(cfg, callbacks, loggers)
 

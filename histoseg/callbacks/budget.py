@@ -1,0 +1,110 @@
+"""Train for a fixed wall-clock budget instead of a number of epochs, with the learning rate decayed over the time.
+
+Comparisons in this field are often made at equal wall time ("25 min of training on these 2 cores"), and a step
+budget fixed on one machine is a different time budget on the next (bf16 vs fp32 kernels, GPU vs CPU). A plain
+``trainer.max_time`` would stop the run on time, but an epoch-based cosine schedule would then be cut off at
+whatever learning rate it had reached. :class:`TimeBudget` instead sets the learning rate from the *fraction of
+the budget spent*: linear warm-up (optional), then cosine decay from each parameter group's base rate down to
+``eta_min``, reached when the budget is spent; training then stops after the current step. Validation time counts
+against the budget (it is part of what a run costs), so the best-by-metric checkpoint still comes from within it.
+
+Enable it with ``budget_min=<minutes>`` on the ``train.py`` command line: the task then drops the configured
+epoch scheduler and lifts ``trainer.max_epochs`` (see :func:`histoseg.tasks.train.apply_time_budget`). The time
+already spent survives resuming (stored in the checkpoint).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from histoseg.tasks.utils import ConfigError
+from histoseg.utils.logging import get_logger
+
+log = get_logger(__name__)
+_clock = time.perf_counter  # one name to replace in tests
+
+
+def budget_lr(frac: float, base: float, eta_min: float, warmup_frac: float = 0.0) -> float:
+    """The learning rate at ``frac`` (0..1) of the budget: linear warm-up to ``base`` over ``warmup_frac``, then
+    cosine decay to ``eta_min`` at ``frac = 1`` (held there beyond it)."""
+    frac = min(max(float(frac), 0.0), 1.0)
+    if warmup_frac > 0 and frac < warmup_frac:
+        return base * frac / warmup_frac
+    span = 1.0 - warmup_frac
+    t = (frac - warmup_frac) / span if span > 0 else 1.0
+    return eta_min + (base - eta_min) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class TimeBudget(Callback):
+    """Stop after ``minutes`` of fitting (training + validation) and decay the lr over that time (see module doc).
+
+    Args:
+        minutes: the wall-clock budget of fitting, in minutes (> 0).
+        eta_min: learning rate at the end of the budget.
+        warmup_frac: fraction of the budget spent on a linear warm-up from 0 (0 = none).
+        schedule: ``cosine`` (decay over the time) or ``constant`` (the optimiser's lr, only the stop).
+    """
+
+    def __init__(self, minutes: float, eta_min: float = 1.0e-6, warmup_frac: float = 0.0, schedule: str = "cosine"):
+        if not minutes or float(minutes) <= 0:
+            raise ConfigError(f"budget_min must be a positive number of minutes, got {minutes!r}")
+        if schedule not in ("cosine", "constant"):
+            raise ConfigError(f"TimeBudget schedule must be 'cosine' or 'constant', got {schedule!r}")
+        if not 0.0 <= float(warmup_frac) < 1.0:
+            raise ConfigError(f"TimeBudget warmup_frac must be in [0, 1), got {warmup_frac!r}")
+        self.minutes = float(minutes)
+        self.eta_min = float(eta_min)
+        self.warmup_frac = float(warmup_frac)
+        self.schedule = schedule
+        self._t0: float | None = None
+        self._offset = 0.0  # minutes spent before a resume
+        self._base: list[list[float]] = []
+
+    # ------------------------------------------------------------------ time
+    def elapsed_min(self) -> float:
+        return self._offset + ((_clock() - self._t0) / 60.0 if self._t0 is not None else 0.0)
+
+    def fraction(self) -> float:
+        return self.elapsed_min() / self.minutes
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = _clock()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule == "cosine" and trainer.lr_scheduler_configs:
+            raise ConfigError(
+                "the time budget sets the learning rate from the time spent, but an lr scheduler is configured "
+                "too: set optimizer.scheduler=null (train.py does this itself for budget_min=...)"
+            )
+        # the base rate of every group: the optimiser's configured lr (initial_lr when a scheduler touched it)
+        self._base = [[g.get("initial_lr", g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        self._set_lr(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._set_lr(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.fraction() >= 1.0 and not trainer.should_stop:
+            trainer.should_stop = True  # Lightning finishes the epoch with a validation pass, so checkpoints see it
+            log.info("time budget of %g min spent after %d steps (epoch %d): stopping", self.minutes,
+                     trainer.global_step, trainer.current_epoch)
+
+    def _set_lr(self, trainer: L.Trainer) -> None:
+        if self.schedule != "cosine":
+            return
+        frac = self.fraction()
+        for opt, bases in zip(trainer.optimizers, self._base):
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = budget_lr(frac, base, min(self.eta_min, base), self.warmup_frac)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"fit_min": self.elapsed_min(), "minutes": self.minutes}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._offset = float(state_dict.get("fit_min", 0.0))
+        self._t0 = None
