@@ -19,7 +19,8 @@ the recipes are scored on; ``histoseg.metrics``, so the numbers are computed ali
 
     OMP_NUM_THREADS=1 python experiments/equal_budget/plain_unet.py --minutes 25 --seed 0 --out logs/eb/plain/seed_0
 
-writes ``summary.json`` (means and settings) and ``per_image.csv`` into ``--out``.
+writes ``summary.json`` (``mean`` of each metric over the test images, and the settings) and ``per_image.csv`` into
+``--out``, as a histoseg run does, so ``experiments/collect.py`` reads them.
 """
 from __future__ import annotations
 
@@ -189,7 +190,8 @@ def main(argv=None) -> dict:
         "train_images": len(train),
         "test_images": len(rows),
         "test_s": round(time.perf_counter() - t1, 1),
-        "metrics": {k: float(np.mean([r[k] for r in rows])) for k in keys},
+        "n_images": len(rows),
+        "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},  # the key experiments/collect.py reads
     }
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "per_image.csv.tmp"
@@ -202,7 +204,7 @@ def main(argv=None) -> dict:
     tmp = args.out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(args.out / "summary.json")
-    print(json.dumps(summary["metrics"]), flush=True)
+    print(json.dumps(summary["mean"]), flush=True)
     return summary
 
 
