@@ -5,8 +5,8 @@
         --metrics dice aji pq --hardware "2 CPU cores (x86_64)" --budget "2000 steps x 8 patches"
 
 Each run folder must hold ``summary.json`` (whole-image test metrics, written by the test step or
-``histoseg-eval``) and ``config.yaml`` (the resolved config: seed and command overrides are read from it and
-from ``.hydra/overrides.yaml`` when present; for a ``histoseg-eval`` run the seed comes from the evaluated
+``histoseg-eval``) and normally ``config.yaml`` (the resolved config: seed and command overrides are read from it and
+from ``.hydra/overrides.yaml`` when present; a run of another script may give its ``seed`` in summary.json instead; for a ``histoseg-eval`` run the seed comes from the evaluated
 checkpoint's own run folder, ``--seeds`` overriding). Fields already in an existing ``results.json`` that this
 script does not measure (``source``, ``targets``, ``notes``, ``split``) are kept.
 
@@ -42,7 +42,8 @@ def run_info(run: Path, metrics: list[str]) -> dict:
     if tim.is_file():
         wall = json.loads(tim.read_text())
     ckpt = summary.get("checkpoint")
-    return {"seed": training_seed(run, ckpt, cfg.get("seed")), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
+    own_seed = cfg.get("seed", summary.get("seed"))  # a run without config.yaml (a plain script) may name it there
+    return {"seed": training_seed(run, ckpt, own_seed), "metrics": {m: summary["mean"][m] for m in metrics}, "n_images": summary.get("n_images"),
             "overrides": overrides, "timing": wall, "selected": selected_checkpoint(run),
             "members": [repo_relative(c) for c in ckpt] if isinstance(ckpt, list) else None}  # an ensemble's checkpoints
 

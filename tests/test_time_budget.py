@@ -62,12 +62,12 @@ class _Tiny(L.LightningModule):
         return opt
 
 
-def _fit(model, callback, max_epochs=-1):
+def _fit(model, callback, max_epochs=-1, ckpt_path=None):
     data = DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=4)  # 4 steps per epoch
     trainer = L.Trainer(max_epochs=max_epochs, min_epochs=0, callbacks=[callback], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, accelerator="cpu")
-    trainer.fit(model, data, data)
+    trainer.fit(model, data, data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -100,6 +100,32 @@ def test_resume_counts_the_minutes_spent_before(monkeypatch):
     assert model.lrs[0] == pytest.approx(budget_lr(0.5, 0.1, 0.0))
 
 
+def test_resume_through_a_checkpoint_decays_from_the_base_lr_not_the_saved_one(monkeypatch, tmp_path):
+    clock = _FakeClock()
+    monkeypatch.setattr(budget_mod, "_clock", clock)
+    first = _Tiny(clock)
+    trainer = _fit(first, TimeBudget(minutes=1.0, eta_min=0.0), max_epochs=1)  # 4 steps = 40 of the 60 s
+    assert trainer.global_step == 4
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    second = _Tiny(clock)
+    trainer = _fit(second, TimeBudget(minutes=1.0, eta_min=0.0), ckpt_path=ckpt)
+    assert trainer.global_step == 6  # the 20 s left: two steps
+    # the lr of steps 5 and 6 is the one an unbroken run has there (the base is 0.1, not the saved, decayed lr)
+    assert second.lrs == pytest.approx([budget_lr(40 / 60, 0.1, 0.0), budget_lr(50 / 60, 0.1, 0.0)])
+
+
+def test_resuming_a_spent_budget_trains_no_further_step(monkeypatch, tmp_path):
+    clock = _FakeClock()
+    monkeypatch.setattr(budget_mod, "_clock", clock)
+    trainer = _fit(_Tiny(clock), TimeBudget(minutes=0.5, eta_min=0.0))
+    assert trainer.global_step == 3
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    again = _Tiny(clock)
+    trainer = _fit(again, TimeBudget(minutes=0.5, eta_min=0.0), ckpt_path=tmp_path / "done.ckpt")
+    assert trainer.global_step == 3 and again.lrs == []
+
+
 def test_a_configured_scheduler_is_refused(monkeypatch):
     monkeypatch.setattr(budget_mod, "_clock", _FakeClock())
     with pytest.raises(ConfigError, match="optimizer.scheduler=null"):
@@ -120,6 +146,15 @@ def test_apply_time_budget_replaces_the_epoch_budget_and_schedule(make_cfg):
     assert cfg.trainer.max_epochs == -1 and cfg.trainer.min_epochs == 0 and cfg.optimizer.scheduler is None
     plain = make_cfg()
     assert apply_time_budget(plain) is None and plain.trainer.max_epochs == 1
+
+
+def test_apply_time_budget_replaces_the_super_resolution_schedules(make_cfg):
+    cfg = make_cfg("budget_min=3", base=["task=sr", "logger=csv"])
+    assert cfg.model.g_scheduler is not None  # the SR preset decays the generator's lr by epoch
+    eta = cfg.model.g_scheduler.get("eta_min", 0.0)
+    cb = apply_time_budget(cfg)
+    assert cfg.model.g_scheduler is None and cfg.model.get("d_scheduler") is None
+    assert cb.eta_min == pytest.approx(eta)
 
 
 def test_train_with_a_budget_stops_within_the_first_epoch(make_cfg, tmp_path):
@@ -149,6 +184,18 @@ def test_plain_script_watershed_splits_two_touching_discs():
     assert cols[0] < 55 < cols[1]  # one nucleus each side of the neck between the discs (centres x = 40, 70)
     assert all(800 < (inst == i).sum() < 1100 for i in ids)  # each about one disc (1018 px), not a sliver
     assert inst[6, 111] == 0 and (inst > 0).sum() == int((prob > 0.5).sum()) - 9
+
+
+def test_plain_script_watershed_keeps_an_elongated_nucleus_whole():
+    import numpy as np
+
+    from tests.helpers_scripts import load_experiment_script
+
+    plain = load_experiment_script("equal_budget/plain_unet")
+    yy, xx = np.mgrid[:60, :140]
+    prob = ((((yy - 30) / 7.0) ** 2 + ((xx - 70) / 45.0) ** 2) < 1).astype(float)  # a 90 x 14 px ellipse: flat ridge
+    inst = plain.watershed_instances(prob)
+    assert len(np.unique(inst[inst > 0])) == 1
 
 
 @pytest.mark.data

@@ -62,6 +62,7 @@ class TimeBudget(Callback):
         self._t0: float | None = None
         self._offset = 0.0  # minutes spent before a resume
         self._base: list[list[float]] = []
+        self._restored = False  # state loaded from a checkpoint
 
     # ------------------------------------------------------------------ time
     def elapsed_min(self) -> float:
@@ -80,23 +81,39 @@ class TimeBudget(Callback):
                 "the time budget sets the learning rate from the time spent, but an lr scheduler is configured "
                 "too: set optimizer.scheduler=null (train.py does this itself for budget_min=...)"
             )
-        # the base rate of every group: the optimiser's configured lr (initial_lr when a scheduler touched it)
-        self._base = [[g.get("initial_lr", g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        # the base rate of every group: its configured lr, kept as ``initial_lr`` in the optimiser's state so that a
+        # resumed run (whose groups hold the decayed lr of the checkpoint) decays from the same base
+        self._base = []
+        for opt in trainer.optimizers:
+            for g in opt.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+            self._base.append([g["initial_lr"] for g in opt.param_groups])
+        if trainer.ckpt_path and not self._restored:
+            log.warning("resumed from %s, which holds no time-budget state: the minutes spent before are not "
+                        "counted against budget_min=%g", trainer.ckpt_path, self.minutes)
+        if self._fraction(trainer) >= 1.0:
+            trainer.should_stop = True  # resumed with the budget spent: no further step
+            log.info("time budget of %g min already spent: no training", self.minutes)
         self._set_lr(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._set_lr(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.fraction() >= 1.0 and not trainer.should_stop:
+        if self._fraction(trainer) >= 1.0 and not trainer.should_stop:
             trainer.should_stop = True  # Lightning finishes the epoch with a validation pass, so checkpoints see it
             log.info("time budget of %g min spent after %d steps (epoch %d): stopping", self.minutes,
                      trainer.global_step, trainer.current_epoch)
 
+    def _fraction(self, trainer: L.Trainer) -> float:
+        """Rank 0's fraction of the budget on every rank, so DDP ranks stop at the same step and set the same lr."""
+        frac = self.fraction()
+        return float(trainer.strategy.broadcast(frac, src=0)) if trainer.world_size > 1 else frac
+
     def _set_lr(self, trainer: L.Trainer) -> None:
         if self.schedule != "cosine":
             return
-        frac = self.fraction()
+        frac = self._fraction(trainer)
         for opt, bases in zip(trainer.optimizers, self._base):
             for group, base in zip(opt.param_groups, bases):
                 group["lr"] = budget_lr(frac, base, min(self.eta_min, base), self.warmup_frac)
@@ -106,5 +123,8 @@ class TimeBudget(Callback):
         return {"fit_min": self.elapsed_min(), "minutes": self.minutes}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # only the offset: _t0 stays as on_fit_start set it (some strategies restore callbacks after that hook)
+        if self._t0 is not None:
+            self._t0 = _clock()  # restored after on_fit_start: count from now, on top of the stored minutes
         self._offset = float(state_dict.get("fit_min", 0.0))
-        self._t0 = None
+        self._restored = True

@@ -35,5 +35,6 @@ class WallClock(Callback):
         return {"fit_min": self.elapsed_min()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if self._t0 is not None:  # restored after on_fit_start (some strategies do): count from now
+            self._t0 = time.perf_counter()
         self._offset = float(state_dict.get("fit_min", 0.0))
-        self._t0 = None

@@ -95,7 +95,7 @@ class ValidationPanels(L.Callback):
             return False
         epoch = trainer.current_epoch + 1
         last = trainer.should_stop or (trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch)
-        return epoch % self.every_n_epochs == 0 or last  # should_stop: early stopping or a spent time budget
+        return epoch % self.every_n_epochs == 0 or last  # should_stop: a spent time budget (set before this validation)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.active = hasattr(pl_module, "val_examples") and hasattr(pl_module, "num_classes")

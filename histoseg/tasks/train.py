@@ -106,9 +106,9 @@ def apply_time_budget(cfg: DictConfig):
     """``budget_min=<minutes>``: a :class:`~histoseg.callbacks.TimeBudget` callback instead of the epoch budget.
 
     Writes into ``cfg`` what then runs (as the precision is): ``trainer.max_epochs=-1`` and ``min_epochs=0``
-    (the time stops the run, also within the first epoch)
-    and ``optimizer.scheduler=null`` (the callback decays the lr over the time, from the optimiser's lr down to
-    the replaced scheduler's ``eta_min``, else 0). Returns the callback, or ``None`` without a budget.
+    (the time stops the run, also within the first epoch) and ``optimizer.scheduler=null`` (``model.g_scheduler``
+    / ``d_scheduler`` for ``task=sr``): the callback decays the lr over the time, from the optimiser's lr down to
+    the replaced scheduler's ``eta_min``, else 0. Returns the callback, or ``None`` without a budget.
     """
     minutes = cfg.get("budget_min")
     if minutes is None:
@@ -117,15 +117,22 @@ def apply_time_budget(cfg: DictConfig):
 
     from histoseg.callbacks import TimeBudget
 
-    sched = (cfg.get("optimizer") or {}).get("scheduler") or {}
+    sched = (cfg.get("optimizer") or {}).get("scheduler") or (cfg.model.get("g_scheduler") or {})
     callback = TimeBudget(minutes=minutes, eta_min=float(sched.get("eta_min", 0.0)))
     with open_dict(cfg):
         cfg.trainer.max_epochs = -1
         cfg.trainer.min_epochs = 0  # Lightning ignores a stop request until min_epochs are done
         if cfg.get("optimizer") and "scheduler" in cfg.optimizer:
             cfg.optimizer.scheduler = None
+        for key in ("g_scheduler", "d_scheduler"):  # task=sr: the generator's / discriminator's own schedules
+            if cfg.model.get(key) is not None:
+                cfg.model[key] = None
     log.info("budget_min=%s: training stops after %s min of fitting, lr cosine-decayed over that time "
              "(trainer.max_epochs and optimizer.scheduler replaced)", minutes, minutes)
+    if int(cfg.trainer.get("check_val_every_n_epoch") or 1) > 1:
+        log.warning("budget_min with trainer.check_val_every_n_epoch=%s: an epoch cut short by the budget is validated "
+                    "only if its number divides by that; shorten epochs (dataset.samples_per_epoch) instead",
+                    cfg.trainer.check_val_every_n_epoch)
     return callback
 
 
