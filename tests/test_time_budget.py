@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from histoseg.callbacks import budget as budget_mod
+from histoseg.callbacks import clock as clock_mod
 from histoseg.callbacks.budget import TimeBudget, budget_lr
 from histoseg.tasks.train import apply_time_budget, train
 from histoseg.tasks.utils import ConfigError
@@ -73,7 +73,7 @@ def _fit(model, callback, max_epochs=-1, ckpt_path=None):
 
 def test_stops_when_the_budget_is_spent_mid_epoch_and_validates_once_more(monkeypatch):
     clock = _FakeClock()
-    monkeypatch.setattr(budget_mod, "_clock", clock)
+    monkeypatch.setattr(clock_mod, "_clock", clock)
     model = _Tiny(clock)
     trainer = _fit(model, TimeBudget(minutes=1.0, eta_min=0.0))
     # 10 s per step and 60 s of budget: six steps, the stop in the second epoch (steps 5-8)
@@ -86,7 +86,7 @@ def test_stops_when_the_budget_is_spent_mid_epoch_and_validates_once_more(monkey
 
 def test_resume_counts_the_minutes_spent_before(monkeypatch):
     clock = _FakeClock()
-    monkeypatch.setattr(budget_mod, "_clock", clock)
+    monkeypatch.setattr(clock_mod, "_clock", clock)
     first = TimeBudget(minutes=1.0, eta_min=0.0)
     first.on_fit_start(None, None)
     clock.t += 30.0
@@ -102,7 +102,7 @@ def test_resume_counts_the_minutes_spent_before(monkeypatch):
 
 def test_resume_through_a_checkpoint_decays_from_the_base_lr_not_the_saved_one(monkeypatch, tmp_path):
     clock = _FakeClock()
-    monkeypatch.setattr(budget_mod, "_clock", clock)
+    monkeypatch.setattr(clock_mod, "_clock", clock)
     first = _Tiny(clock)
     trainer = _fit(first, TimeBudget(minutes=1.0, eta_min=0.0), max_epochs=1)  # 4 steps = 40 of the 60 s
     assert trainer.global_step == 4
@@ -117,7 +117,7 @@ def test_resume_through_a_checkpoint_decays_from_the_base_lr_not_the_saved_one(m
 
 def test_resuming_a_spent_budget_trains_no_further_step(monkeypatch, tmp_path):
     clock = _FakeClock()
-    monkeypatch.setattr(budget_mod, "_clock", clock)
+    monkeypatch.setattr(clock_mod, "_clock", clock)
     trainer = _fit(_Tiny(clock), TimeBudget(minutes=0.5, eta_min=0.0))
     assert trainer.global_step == 3
     trainer.save_checkpoint(tmp_path / "done.ckpt")
@@ -127,9 +127,9 @@ def test_resuming_a_spent_budget_trains_no_further_step(monkeypatch, tmp_path):
 
 
 def test_a_configured_scheduler_is_refused(monkeypatch):
-    monkeypatch.setattr(budget_mod, "_clock", _FakeClock())
+    monkeypatch.setattr(clock_mod, "_clock", _FakeClock())
     with pytest.raises(ConfigError, match="optimizer.scheduler=null"):
-        _fit(_Tiny(budget_mod._clock, scheduler=True), TimeBudget(minutes=1.0))
+        _fit(_Tiny(clock_mod._clock, scheduler=True), TimeBudget(minutes=1.0))
 
 
 @pytest.mark.parametrize("kwargs", [{"minutes": 0}, {"minutes": -3}, {"minutes": 1, "schedule": "linear"},

@@ -15,16 +15,14 @@ already spent survives resuming (stored in the checkpoint).
 from __future__ import annotations
 
 import math
-import time
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 
+from histoseg.callbacks.clock import FitTimer
 from histoseg.tasks.utils import ConfigError
 from histoseg.utils.logging import get_logger
 
 log = get_logger(__name__)
-_clock = time.perf_counter  # one name to replace in tests
 
 
 def budget_lr(frac: float, base: float, eta_min: float, warmup_frac: float = 0.0) -> float:
@@ -38,7 +36,7 @@ def budget_lr(frac: float, base: float, eta_min: float, warmup_frac: float = 0.0
     return eta_min + (base - eta_min) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-class TimeBudget(Callback):
+class TimeBudget(FitTimer):
     """Stop after ``minutes`` of fitting (training + validation) and decay the lr over that time (see module doc).
 
     Args:
@@ -55,26 +53,19 @@ class TimeBudget(Callback):
             raise ConfigError(f"TimeBudget schedule must be 'cosine' or 'constant', got {schedule!r}")
         if not 0.0 <= float(warmup_frac) < 1.0:
             raise ConfigError(f"TimeBudget warmup_frac must be in [0, 1), got {warmup_frac!r}")
+        super().__init__()
         self.minutes = float(minutes)
         self.eta_min = float(eta_min)
         self.warmup_frac = float(warmup_frac)
         self.schedule = schedule
-        self._t0: float | None = None
-        self._offset = 0.0  # minutes spent before a resume
         self._base: list[list[float]] = []
         self._restored = False  # state loaded from a checkpoint
 
-    # ------------------------------------------------------------------ time
-    def elapsed_min(self) -> float:
-        return self._offset + ((_clock() - self._t0) / 60.0 if self._t0 is not None else 0.0)
-
+    # ------------------------------------------------------------------ time (FitTimer: elapsed_min, resume)
     def fraction(self) -> float:
         return self.elapsed_min() / self.minutes
 
     # ------------------------------------------------------------------ hooks
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = _clock()
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.schedule == "cosine" and trainer.lr_scheduler_configs:
             raise ConfigError(
@@ -120,11 +111,8 @@ class TimeBudget(Callback):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
-        return {"fit_min": self.elapsed_min(), "minutes": self.minutes}
+        return {**super().state_dict(), "minutes": self.minutes}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # only the offset: _t0 stays as on_fit_start set it (some strategies restore callbacks after that hook)
-        if self._t0 is not None:
-            self._t0 = _clock()  # restored after on_fit_start: count from now, on top of the stored minutes
-        self._offset = float(state_dict.get("fit_min", 0.0))
+        super().load_state_dict(state_dict)
         self._restored = True
