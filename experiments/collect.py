@@ -89,14 +89,21 @@ def in_run_order(labels: list, runs: list[Path], flag: str) -> list:
     return [lab for _, lab in sorted(zip(runs, labels))]
 
 
+def best_checkpoint(run: Path) -> Path | None:
+    """A run's best-by-metric checkpoint ``checkpoints/epoch_NNN.ckpt`` (the latest if a resumed run left
+    several), or ``None``."""
+    found = sorted((run / "checkpoints").glob("epoch_*.ckpt")) if (run / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
 def selected_checkpoint(run: Path) -> dict | None:
     """The best checkpoint's epoch (``checkpoints/epoch_NNN.ckpt``) and, where the run logged ``time/fit_min``
     (histoseg's WallClock callback), the wall-clock minutes of fitting after which it existed."""
     import csv
     import re
 
-    found = sorted((run / "checkpoints").glob("epoch_*.ckpt")) if (run / "checkpoints").is_dir() else []
-    m = re.fullmatch(r"epoch_(\d+)\.ckpt", found[-1].name) if found else None
+    best = best_checkpoint(run)
+    m = re.fullmatch(r"epoch_(\d+)\.ckpt", best.name) if best is not None else None
     if m is None:
         return None
     epoch, minutes = int(m.group(1)), None

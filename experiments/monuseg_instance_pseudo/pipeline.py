@@ -39,9 +39,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # experiments/: the batch runner
+sys.path.insert(0, str(HERE.parent))  # experiments/: the batch runner, collect's checkpoint choice
 
 import batch  # noqa: E402
+import collect  # noqa: E402
 
 from histoseg.data.io import atomic_write_text  # noqa: E402
 from histoseg.utils.config import data_root  # noqa: E402
@@ -54,9 +55,9 @@ STAGES = ("teacher", "maps", "pseudo", "students", "tcia")
 def selected_checkpoint(run: Path) -> Path:
     """A run's selected checkpoint: its ``epoch_NNN.ckpt`` (the best by validation Dice; the latest if a resumed
     run left several), else ``last.ckpt``."""
-    best = sorted((run / "checkpoints").glob("epoch_*.ckpt"))
-    if best:
-        return best[-1]
+    best = collect.best_checkpoint(run)
+    if best is not None:
+        return best
     if (run / "checkpoints" / "last.ckpt").is_file():
         return run / "checkpoints" / "last.ckpt"
     raise FileNotFoundError(f"{run / 'checkpoints'}: the run left no checkpoint")
