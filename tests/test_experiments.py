@@ -45,12 +45,13 @@ def test_preset_is_overrides_only_with_tags_and_a_run_command(name):
         assert isinstance(d, dict) and all(k.startswith("override /") for k in d), f"{name}: {d} is not an override"
 
 
-EVAL_CROP = 512  # px: validation / test images of the preset checks are cropped to this (>= every preset's tile)
+EVAL_CROP = 256  # px: validation / test images of the preset checks are cropped to this (>= every preset's tile)
+SMALL_PATCH = 128  # px: the segmentation presets' training patches and tiles in these checks (SR keeps its own)
 
 
 def crop_eval_images(monkeypatch, side: int = EVAL_CROP) -> None:
     """Whole-image validation and test read the top-left ``side`` x ``side`` of each image: the same code path
-    (tiling, stitching, post-processing, metrics) at a fifth of the pixels of a 1360x1024 BreCaHAD image."""
+    (tiling, stitching, post-processing, metrics) at a twentieth of the pixels of a 1360x1024 BreCaHAD image."""
     import dataclasses
 
     from histoseg.data import datamodule
@@ -79,6 +80,8 @@ def test_preset_trains_one_fast_dev_run_step(make_cfg, name, request, monkeypatc
     assert cfg.dataset.name == dataset_of(name)
     with open_dict(cfg):  # tiny: 1 batch of 2 patches, 1 validation and 1 test image (cropped), tiles without overlap
         cfg.dataset.batch_size, cfg.dataset.samples_per_epoch = 2, 2
+        if cfg.monitor == "val/dice":  # segmentation (SR keeps its 96 px crops): its own patch size only costs time
+            cfg.patch_size, cfg.inference.tile_shape = SMALL_PATCH, [SMALL_PATCH, SMALL_PATCH]
         cfg.dataset.limit_val = cfg.dataset.limit_test = 1
         if "limit_train" in cfg.dataset:  # read 2 training images, not the whole set
             cfg.dataset.limit_train = 2
@@ -94,6 +97,7 @@ def test_preset_trains_one_fast_dev_run_step(make_cfg, name, request, monkeypatc
     whole = getattr(obj["datamodule"].test_set, "samples", None)  # segmentation sets (SR sets hold HR/LR pairs)
     if whole:
         assert max(whole[0].image.shape[:2]) <= EVAL_CROP  # the crop applied
+        assert obj["datamodule"].patch_shape == (SMALL_PATCH, SMALL_PATCH)  # the one key moved the patches
 
 
 def compose(make_cfg, name):
