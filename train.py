@@ -3,13 +3,15 @@ import hydra
 from omegaconf import DictConfig
 
 import histoseg  # noqa: F401  (registers config resolvers)
-from histoseg.tasks.train import run
 from histoseg.tasks.utils import report_user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
+    # imported here, not at the top: --help, --cfg job and tab completion stay fast
+    from histoseg.tasks.train import run
+
     return run(cfg)
 
 

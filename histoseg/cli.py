@@ -5,8 +5,8 @@
 """
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -14,23 +14,24 @@ from omegaconf import DictConfig
 from histoseg.utils.config import conf_dir
 
 
-def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]):
-    """Run ``fn`` as a Hydra app over the project's config tree (``conf/<config_name>.yaml``)."""
+def hydra_entry(config_name: str, module: str):
+    """Run ``<module>.run(cfg)`` as a Hydra app over the project's config tree (``conf/<config_name>.yaml``).
+
+    The task module (torch, lightning) is imported only when the task runs, so ``--help``, ``--cfg job`` and
+    shell completion answer in about a second."""
 
     from histoseg.tasks.utils import report_user_errors
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)
     @report_user_errors
     def main(cfg: DictConfig):
-        return fn(cfg)
+        return importlib.import_module(module).run(cfg)
 
     return main()
 
 
 def train_main() -> None:
-    from histoseg.tasks.train import run
-
-    hydra_entry("train", run)
+    hydra_entry("train", "histoseg.tasks.train")
 
 
 def dataset_from_checkpoint(args: list[str]) -> str | None:
@@ -55,35 +56,29 @@ def dataset_from_checkpoint(args: list[str]) -> str | None:
 
 def eval_main() -> None:
     """``histoseg-eval ckpt_path=... [dataset=...]``: without ``dataset=``, the checkpoint's own training data."""
-    from histoseg.tasks.evaluate import run
-
     name = dataset_from_checkpoint(sys.argv[1:])
     if name is not None:
         print(f"histoseg-eval: dataset={name} (the checkpoint's training data)", file=sys.stderr)
         sys.argv.append(f"dataset={name}")
-    hydra_entry("eval", run)
+    hydra_entry("eval", "histoseg.tasks.evaluate")
 
 
 def predict_main() -> None:
-    from histoseg.tasks.predict import run
-
-    hydra_entry("predict", run)
+    hydra_entry("predict", "histoseg.tasks.predict")
 
 
 def sr_eval_main() -> None:
     """``histoseg-sr-eval sr_ckpt=... seg_ckpt=...``: the SR -> segmentation evaluation (conf/sr_eval.yaml)."""
-    from histoseg.tasks.superres import run
-
-    hydra_entry("sr_eval", run)
+    hydra_entry("sr_eval", "histoseg.tasks.superres")
 
 
 def data_main() -> None:
     """``histoseg-data build dataset=X``: the first argument is the command, the rest Hydra overrides."""
-    from histoseg.tasks.data import COMMANDS, run
+    from histoseg.tasks.data import COMMANDS
 
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(f"usage: histoseg-data {{{','.join(COMMANDS)}}} dataset=<name> [overrides...]", file=sys.stderr)
         raise SystemExit(2)
     command = sys.argv.pop(1)
     sys.argv.append(f"+command={command}")
-    hydra_entry("data", run)
+    hydra_entry("data", "histoseg.tasks.data")

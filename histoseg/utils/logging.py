@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from lightning.pytorch.utilities import rank_zero_only
+# lightning_utilities' decorator is the one Lightning re-exports (``lightning.pytorch.utilities.rank_zero_only``),
+# and the Trainer sets its ``rank``; importing it from there keeps ``import histoseg.tasks.utils`` (and so
+# ``python train.py --help`` / ``--cfg job``) free of lightning's multi-second import.
+from lightning_utilities.core.rank_zero import rank_zero_only
+
+if getattr(rank_zero_only, "rank", None) is None:  # what lightning.fabric sets on its import, from the same variables
+    rank_zero_only.rank = next(
+        (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK") if k in os.environ), 0
+    )
 
 
 def get_logger(name: str) -> logging.Logger:
