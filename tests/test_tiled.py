@@ -148,3 +148,54 @@ def test_sparse_tile_filter_read_batches_and_empty_value():
     assert seen == tile_batches(img.shape[:2], (64, 64), 0.25, 8, tile_filter=keep)
     with pytest.raises(ValueError, match="read_batches needs an image of at least one tile"):
         tiled_predict(img[:50], net, batch_size=8, read_batches=reader, **kw)
+
+
+class HVOracle(torch.nn.Module):
+    """A perfect HoVer-Net-style model: channel 0 of its input holds an instance map; it outputs a foreground
+    logit and the exact (h, v) offset maps of whatever (flipped / rotated) view it is given."""
+
+    num_classes = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from histoseg.data.targets import hv_map
+
+        inst = x[:, 0].round().long().numpy()
+        hv = torch.stack([torch.from_numpy(hv_map(i)) for i in inst])
+        return torch.cat([x[:, :1] * 2 - 1, hv], 1)
+
+
+def nuclei_image(h: int = 48, w: int = 64) -> torch.Tensor:
+    """Instance ids in channel 0: a few ellipses, none symmetric about the image's axes."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    inst = np.zeros((h, w), np.float32)
+    for i, (cy, cx, ry, rx) in enumerate([(10, 12, 6, 9), (30, 20, 8, 5), (20, 45, 5, 11), (38, 52, 7, 7)], 1):
+        inst[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = i
+    return torch.from_numpy(np.stack([inst, np.zeros_like(inst), np.zeros_like(inst)]))
+
+
+@pytest.mark.parametrize("mode", ["flip", "d4"])
+def test_tta_turns_hv_offset_vectors_back(mode):
+    from histoseg.inference import with_tta
+
+    x = nuclei_image()[None]
+    net = HVOracle()
+    ref = net(x)
+    torch.testing.assert_close(with_tta(net, mode, vector_channels=(1, 2))(x), ref, atol=1e-6, rtol=0)
+    # moving only the pixels back averages h with -h (and, under d4, h with +-v): the offsets wash out
+    naive = with_tta(net, mode, vector_channels=None)(x)
+    fg = x[0, 0] > 0
+    assert naive[0, 1][fg].abs().mean() < 0.5 * ref[0, 1][fg].abs().mean()
+
+
+def test_segmentation_task_tta_keeps_hv_heads_exact():
+    from histoseg.models.modules.segmentation import SegmentationTask
+
+    task = SegmentationTask(net=HVOracle(), num_classes=2, heads={"seg": 1, "hv": 2},
+                            inference={"tile_shape": [48, 64], "overlap": 0.0, "batch_size": 1})
+    assert task.vector_channels == (1, 2)
+    img = nuclei_image()
+    plain = task.predict_logits(img, tta="none")
+    for mode in ("flip", "d4"):
+        torch.testing.assert_close(task.predict_logits(img, tta=mode), plain, atol=1e-6, rtol=0)
+    no_hv = SegmentationTask(net=pointwise_net(), num_classes=2, heads={"seg": 1, "dist": 1})
+    assert no_hv.vector_channels is None

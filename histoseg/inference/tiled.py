@@ -79,38 +79,64 @@ def gaussian_weights(shape: Sequence[int], sigma_scale: float = 0.125) -> torch.
     return _gaussian_cached((int(shape[0]), int(shape[1])), float(sigma_scale)).clone()
 
 
-def _tta_transforms(mode: str) -> list[tuple[Callable, Callable]]:
-    ident = (lambda t: t, lambda t: t)
+def _tta_views(mode: str | None) -> list[tuple[bool, bool, int]]:
+    """The test-time views of ``mode`` as ``(hflip, vflip, quarter turns)``: flips first, then ``torch.rot90``
+    on ``(H, W)`` (the order of :func:`histoseg.aug.gpu.dihedral`)."""
     if mode in (None, "none"):
-        return [ident]
+        return [(False, False, 0)]
     if mode == "flip":
-        return [ident, (lambda t: t.flip(-1), lambda t: t.flip(-1)), (lambda t: t.flip(-2), lambda t: t.flip(-2))]
+        return [(False, False, 0), (True, False, 0), (False, True, 0)]
     if mode == "d4":
-        out = []
-        for k in range(4):
-            out.append((lambda t, k=k: torch.rot90(t, k, (-2, -1)), lambda t, k=k: torch.rot90(t, -k, (-2, -1))))
-            out.append(
-                (
-                    lambda t, k=k: torch.rot90(t.flip(-1), k, (-2, -1)),
-                    lambda t, k=k: torch.rot90(t, -k, (-2, -1)).flip(-1),
-                )
-            )
-        return out
+        return [(hflip, False, k) for k in range(4) for hflip in (False, True)]
     raise ValueError(f"unknown tta mode {mode!r}; choose one of {TTA_MODES}")
 
 
-def with_tta(predictor: Predictor, mode: str | None) -> Predictor:
-    """Wrap a predictor so it averages over flip (3) or dihedral (8) views of each batch."""
-    tfs = _tta_transforms(mode or "none")
-    if len(tfs) == 1:
+def _view(t: torch.Tensor, hflip: bool, vflip: bool, k: int) -> torch.Tensor:
+    t = t.flip(-1) if hflip else t
+    t = t.flip(-2) if vflip else t
+    return torch.rot90(t, k, (-2, -1)) if k % 4 else t
+
+
+def _unview(y: torch.Tensor, hflip: bool, vflip: bool, k: int, vector: tuple[int, int] | None) -> torch.Tensor:
+    """Undo :func:`_view` on a ``(B, K, H, W)`` output: move the pixels back and, for the ``vector`` channel pair
+    (HoVer-Net ``(h, v)`` offsets), turn the vectors back too. On the viewed image a model that is right predicts
+    the transformed field: ``h`` negated by a horizontal flip, ``v`` by a vertical one, and each quarter turn maps
+    ``(h, v)`` to ``(v, -h)`` (:func:`histoseg.aug.gpu.dihedral_hv`); the inverse is ``4 - k`` quarter turns, then
+    the same negations. Without this, averaging the views cancels the offsets instead of agreeing on them."""
+    y = torch.rot90(y, -k, (-2, -1)) if k % 4 else y
+    y = y.flip(-2) if vflip else y
+    y = y.flip(-1) if hflip else y
+    if vector is None:
+        return y
+    hi, vi = vector
+    h, v = y[:, hi], y[:, vi]
+    for _ in range((4 - k) % 4):
+        h, v = v, -h
+    h = -h if hflip else h
+    v = -v if vflip else v
+    y = y.clone()
+    y[:, hi], y[:, vi] = h, v
+    return y
+
+
+def with_tta(predictor: Predictor, mode: str | None, vector_channels: tuple[int, int] | None = None) -> Predictor:
+    """Wrap a predictor so it averages over flip (3) or dihedral (8) views of each batch.
+
+    ``vector_channels``: the output channels ``(h, v)`` of a 2-D offset field (a HoVer-Net ``hv`` head), whose
+    components turn with the view; default: the predictor's own ``vector_channels`` attribute
+    (:class:`~histoseg.models.modules.segmentation.SegmentationTask` sets it from ``model.heads``)."""
+    views = _tta_views(mode or "none")
+    if len(views) == 1:
         return predictor
+    if vector_channels is None:
+        vector_channels = getattr(predictor, "vector_channels", None)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         acc = None
-        for fwd, inv in tfs:
-            y = inv(predictor(fwd(x))).float()
+        for view in views:
+            y = _unview(predictor(_view(x, *view)).float(), *view, vector_channels)
             acc = y if acc is None else acc + y
-        return acc / len(tfs)
+        return acc / len(views)
 
     return run
 

@@ -149,6 +149,17 @@ class SegmentationTask(L.LightningModule):
             i += c
         return parts
 
+    @property
+    def vector_channels(self) -> tuple[int, int] | None:
+        """Output channels ``(h, v)`` of the ``hv`` head (an offset field: test-time flips and rotations must turn
+        its vectors, :func:`histoseg.inference.tiled.with_tta`); None without one."""
+        i = 0
+        for name, c in (self.heads or {}).items():
+            if name == "hv":
+                return (i, i + 1)
+            i += c
+        return None
+
     def foreground_logit_hard(self, out: torch.Tensor) -> torch.Tensor:
         """Hard nucleus mask from raw output (any head layout)."""
         if not self.heads:
