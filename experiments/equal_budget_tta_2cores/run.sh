@@ -14,8 +14,8 @@ export OMP_NUM_THREADS=2 OPENCV_FOR_THREADS_NUM=1 PYTHONUNBUFFERED=1
 mkdir -p "$ROOT"
 for S in $SEEDS; do
   RUN=$ROOT/train/seed_$S
-  echo "seed $S: train start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+uncommitted')"
   if [ ! -f "$RUN/summary.json" ]; then
+    echo "seed $S: train start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+uncommitted')"
     rm -rf "$RUN"; mkdir -p "$RUN"
     $PY train.py experiment=monuseg_instance budget_min=25 seed="$S" dataset.num_workers=0 \
       dataset.persistent_workers=false dataset.samples_per_epoch=512 inference=default tune_postprocess.workers=1 \
@@ -25,7 +25,7 @@ for S in $SEEDS; do
   for MODE in $TTA_MODES; do
     EVAL=$ROOT/$MODE/seed_$S
     if [ -f "$EVAL/summary.json" ]; then echo "seed $S: $MODE eval done, skipped"; continue; fi
-    echo "seed $S: $MODE eval start $(date -u +%FT%TZ) on $CKPT"
+    echo "seed $S: $MODE eval start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD) on $CKPT"
     rm -rf "$EVAL"; mkdir -p "$EVAL"
     $(dirname $PY)/histoseg-eval ckpt_path="$CKPT" dataset=monuseg inference.tta="$MODE" tune_postprocess.enabled=true \
       tune_postprocess.workers=1 hydra.run.dir="$EVAL" > "$EVAL/stdout.log" 2>&1
