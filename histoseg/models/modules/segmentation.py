@@ -139,26 +139,29 @@ class SegmentationTask(L.LightningModule):
         return heads
 
     # ------------------------------------------------------------------ forward / predict
+    @property
+    def head_slices(self) -> dict[str, slice]:
+        """Each head's output channels, in ``model.heads`` order (empty without heads)."""
+        out, i = {}, 0
+        for name, c in (self.heads or {}).items():
+            out[name], i = slice(i, i + c), i + c
+        return out
+
     def split(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw output -> ``{head: tensor}``; regression heads get their activation (class heads stay logits)."""
-        parts, i = {}, 0
-        for name, c in self.heads.items():
-            t = out[:, i : i + c]
+        parts = {}
+        for name, sl in self.head_slices.items():
+            t = out[:, sl]
             act = self.head_activations.get(name, "none") if name != "seg" else "none"
             parts[name] = torch.sigmoid(t) if act == "sigmoid" else torch.tanh(t) if act == "tanh" else t
-            i += c
         return parts
 
     @property
     def vector_channels(self) -> tuple[int, int] | None:
         """Output channels ``(h, v)`` of the ``hv`` head (an offset field: test-time flips and rotations must turn
         its vectors, :func:`histoseg.inference.tiled.with_tta`); None without one."""
-        i = 0
-        for name, c in (self.heads or {}).items():
-            if name == "hv":
-                return (i, i + 1)
-            i += c
-        return None
+        sl = self.head_slices.get("hv")
+        return None if sl is None else (sl.start, sl.start + 1)
 
     def foreground_logit_hard(self, out: torch.Tensor) -> torch.Tensor:
         """Hard nucleus mask from raw output (any head layout)."""
