@@ -101,14 +101,59 @@ def perfect_maps(inst, kind):
     return maps
 
 
-@pytest.mark.parametrize("source,threshold", [("interior", 0.5), ("distance", 0.5), ("interior_distance", 0.5), ("hv", 0.4)])
-def test_marker_watershed_separates_two_touching_discs_from_perfect_maps(source, threshold):
+@pytest.mark.parametrize("source,threshold,extra", [
+    ("interior", 0.5, {}), ("distance", 0.5, {}), ("interior_distance", 0.5, {}), ("hv", 0.4, {}),
+    ("hv", 0.4, {"hv_ksize": 21, "hv_signed": True}), ("hv", 0.4, {"hv_ksize": 7, "hv_signed": False})])
+def test_marker_watershed_separates_two_touching_discs_from_perfect_maps(source, threshold, extra):
     inst = two_touching_discs()
     pp = PostProcessor(instances="markers", marker_source=source, marker_threshold=threshold, min_marker_size=3,
-                       fill_holes=True, min_size=0)
+                       fill_holes=True, min_size=0, **extra)
     out = pp(perfect_maps(inst, source))["instances"]
     assert len(np.unique(out)) - 1 == 2
     assert aji(inst, out) > 0.95
+
+
+def test_hv_edges_default_rule_is_unchanged():
+    """hv_ksize=3, unsigned is the rule stored checkpoints were tuned with: pinned to its first formula."""
+    from skimage.filters import sobel_h, sobel_v
+
+    from histoseg.inference.postprocess import hv_edges
+
+    hv = perfect_maps(two_touching_discs(), "hv")["hv"] + np.random.default_rng(0).normal(0, 0.05, (2, 40, 60))
+    h, v = ((m - m.min()) / (m.max() - m.min()) for m in hv.astype(np.float32))
+    gh, gv = np.abs(sobel_v(h)), np.abs(sobel_h(v))
+    gh = 1 - (gh - gh.min()) / (gh.max() - gh.min())
+    gv = 1 - (gv - gv.min()) / (gv.max() - gv.min())
+    np.testing.assert_allclose(hv_edges(hv), np.maximum(1 - gh, 1 - gv), atol=1e-6)
+
+
+def test_signed_hv_edges_mark_falling_offsets_only():
+    """HoVer-Net's signed rule: the offsets rise across a nucleus, so a rise is interior and only a fall is a
+    border; the magnitude rule cannot tell them apart."""
+    from histoseg.inference.postprocess import hv_edges
+
+    hv = perfect_maps(two_touching_discs(), "hv")["hv"]
+    for k in (3, 21):
+        signed, unsigned = hv_edges(hv, k, True), hv_edges(hv, k, False)
+        # the interface of the two discs (column 29 or so, where disc 1's +1 meets disc 2's -1) is the strongest edge
+        assert signed[15:26, 28:31].max() == pytest.approx(1.0, abs=0.05)
+        # a nucleus interior, where h rises: far below the border under the signed rule
+        assert signed[18:23, 14:26].max() < 0.35 * signed[15:26, 28:31].max()
+        assert signed[18:23, 14:26].max() < unsigned[18:23, 14:26].max()
+
+
+@pytest.mark.parametrize("bad", [2, 4, 33, 1])
+def test_hv_ksize_must_be_an_odd_sobel_size(bad):
+    with pytest.raises(ValueError, match="hv_ksize"):
+        PostProcessor(instances="markers", marker_source="hv", hv_ksize=bad)
+
+
+def test_hv_settings_round_trip_through_the_config():
+    pp = PostProcessor(instances="markers", marker_source="hv", hv_ksize=21, hv_signed=True)
+    again = PostProcessor(**pp.config())
+    assert (again.hv_ksize, again.hv_signed) == (21, True)
+    maps = perfect_maps(two_touching_discs(), "hv")
+    np.testing.assert_array_equal(pp(maps)["instances"], again(maps)["instances"])
 
 
 def test_distance_watershed_separates_two_touching_discs():

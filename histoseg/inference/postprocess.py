@@ -111,6 +111,40 @@ def distance_watershed(mask: np.ndarray, h: float = 1.0, smooth: float = 1.0, mi
     return inst.astype(np.int32)
 
 
+def _minmax(a: np.ndarray) -> np.ndarray:
+    return (a - a.min()) / max(a.max() - a.min(), 1e-6)
+
+
+def _check_hv_ksize(ksize) -> int:
+    k = int(ksize)
+    if k < 3 or k > 31 or k % 2 == 0:
+        raise ValueError(f"hv_ksize must be an odd Sobel kernel size from 3 to 31, got {ksize!r}")
+    return k
+
+
+def hv_edges(hv: np.ndarray, ksize: int = 3, signed: bool = False) -> np.ndarray:
+    """Nucleus borders from HoVer-Net offset maps ``hv`` (2xHxW: horizontal, vertical), in [0, 1], high on borders.
+
+    Each map is min-max normalised and differentiated along its own axis with a ``ksize`` Sobel kernel (odd,
+    3..31; larger kernels smooth more across the other axis); each derivative is normalised to [0, 1] and the
+    two are combined by maximum. ``signed=False``: the derivative's magnitude. ``signed=True``: its sign kept, as
+    HoVer-Net's own post-processing does: the offsets rise across a nucleus (from -1 to +1), so they fall only
+    at its borders, and the most negative derivative is the strongest edge; HoVer-Net uses ``ksize=21, signed``.
+    """
+    k = _check_hv_ksize(ksize)
+    h, v = _minmax(np.asarray(hv[0], np.float32)), _minmax(np.asarray(hv[1], np.float32))
+    if k == 3 and not signed:  # histoseg's first rule (skimage's 3x3 Sobel), kept exactly for stored settings
+        from skimage.filters import sobel_h, sobel_v
+
+        return np.maximum(_minmax(np.abs(sobel_v(h))), _minmax(np.abs(sobel_h(v))))
+    import cv2
+
+    gh = cv2.Sobel(h, cv2.CV_32F, 1, 0, ksize=k)  # d/dx of the horizontal offsets
+    gv = cv2.Sobel(v, cv2.CV_32F, 0, 1, ksize=k)  # d/dy of the vertical offsets
+    gh, gv = (-gh, -gv) if signed else (np.abs(gh), np.abs(gv))
+    return np.maximum(_minmax(gh), _minmax(gv))
+
+
 def marker_watershed(
     fg: np.ndarray,
     maps: dict[str, np.ndarray],
@@ -119,6 +153,8 @@ def marker_watershed(
     min_marker_size: int = 5,
     smooth: float = 1.0,
     cache: StageCache | None = None,
+    hv_ksize: int = 3,
+    hv_signed: bool = False,
 ) -> np.ndarray:
     """Marker-controlled watershed from predicted maps (instance-aware heads).
 
@@ -126,8 +162,8 @@ def marker_watershed(
         ``interior``: markers = P(interior) > t (three-class head); energy = -P(interior).
         ``distance``: markers = distance map > t; energy = -distance.
         ``interior_distance``: markers = sqrt(P(interior) * distance) > t; energy = -distance.
-        ``hv``: HoVer-Net: energy from the Sobel magnitude of the hv maps; markers = foreground minus
-            edges (magnitude >= t); flooding ``-(1 - edges)`` smoothed.
+        ``hv``: HoVer-Net: edges from Sobel derivatives of the hv maps (:func:`hv_edges`, kernel ``hv_ksize``,
+            ``hv_signed``); markers = foreground minus edges (1 - edges > t); flooding ``-(1 - edges)`` smoothed.
 
     ``cache``: reuses the smoothed energy between calls that differ only in the marker settings (tuning).
     """
@@ -144,16 +180,8 @@ def marker_watershed(
         score = np.sqrt(np.clip(maps["interior"], 0, 1) * np.clip(maps["dist"], 0, 1))
         energy = -maps["dist"]
     elif source == "hv":
-        from skimage.filters import sobel_h, sobel_v
-
-        h = maps["hv"][0]
-        v = maps["hv"][1]
-        h = (h - h.min()) / max(h.max() - h.min(), 1e-6)
-        v = (v - v.min()) / max(v.max() - v.min(), 1e-6)
-        gh, gv = np.abs(sobel_v(h)), np.abs(sobel_h(v))
-        gh = 1 - (gh - gh.min()) / max(gh.max() - gh.min(), 1e-6)
-        gv = 1 - (gv - gv.min()) / max(gv.max() - gv.min(), 1e-6)
-        edges = np.maximum(1 - gh, 1 - gv) * fg
+        edges = _stage(cache, "hv_edges", (int(hv_ksize), bool(hv_signed)),
+                       lambda: hv_edges(maps["hv"], hv_ksize, hv_signed)) * fg
         score = 1 - edges  # high inside nuclei, low on their borders
         energy = -ndi.gaussian_filter((1 - edges) * fg, 1.0)
     else:
@@ -225,7 +253,8 @@ def split_mask(fg: np.ndarray, maps: dict[str, np.ndarray], pp: PostProcessor, m
     Every mask pixel keeps a label (blobs without a marker are one nucleus) and no label leaves the mask;
     fragments under ``merge_below`` px (default ``pp.min_size``) join their largest-border neighbour."""
     fg = np.asarray(fg).astype(bool)
-    inst = marker_watershed(fg, maps, pp.marker_source, pp.marker_threshold, pp.min_marker_size, pp.smooth)
+    inst = marker_watershed(fg, maps, pp.marker_source, pp.marker_threshold, pp.min_marker_size, pp.smooth,
+                            hv_ksize=pp.hv_ksize, hv_signed=pp.hv_signed)
     return merge_small_instances(inst, pp.min_size if merge_below is None else int(merge_below))
 
 
@@ -262,6 +291,7 @@ class PostProcessor:
         h / smooth: watershed marker h-maxima height (pixels of distance) and smoothing sigma.
         nuclei_classes: classes that count as nuclei for instances (default: every foreground class).
         marker_source / marker_threshold / min_marker_size: settings of ``markers`` mode.
+        hv_ksize / hv_signed: the Sobel kernel and sign rule of the ``hv`` marker source (:func:`hv_edges`).
         render: ``mask`` (the cleaned class map as is) or ``disc``: each nucleus instance (connected components
             when ``instances`` is ``none``) is redrawn as a filled disc of ``disc_radius`` pixels at its
             centroid, in its majority class (:func:`render_discs`). For data whose ground truth is discs drawn at
@@ -290,6 +320,8 @@ class PostProcessor:
         clean_classes: list[int] | None = None,
         ring_class: int | None = None,
         ring_width: int = 3,
+        hv_ksize: int = 3,
+        hv_signed: bool = False,
     ):
         if instances not in ("none", "connected", "watershed", "markers"):
             raise ValueError(f"instances must be none, connected, watershed or markers, got {instances!r}")
@@ -309,6 +341,8 @@ class PostProcessor:
             raise ValueError(f"ring_class={ring_class} needs ring_width >= 1 pixel, got {ring_width!r}")
         self.ring_class = None if ring_class is None else int(ring_class)
         self.ring_width = int(ring_width)
+        self.hv_ksize, self.hv_signed = int(hv_ksize), bool(hv_signed)
+        _check_hv_ksize(self.hv_ksize)
 
     def config(self) -> dict:
         return {
@@ -317,7 +351,8 @@ class PostProcessor:
             "nuclei_classes": self.nuclei_classes, "marker_source": self.marker_source,
             "marker_threshold": self.marker_threshold, "min_marker_size": self.min_marker_size,
             "render": self.render, "disc_radius": self.disc_radius, "clean_classes": self.clean_classes,
-            "ring_class": self.ring_class, "ring_width": self.ring_width,
+            "ring_class": self.ring_class, "ring_width": self.ring_width, "hv_ksize": self.hv_ksize,
+            "hv_signed": self.hv_signed,
         }
 
     def __call__(self, maps: np.ndarray | dict, cache: StageCache | None = None) -> dict[str, np.ndarray | None]:
@@ -341,7 +376,7 @@ class PostProcessor:
                 inst = distance_watershed(fg, self.h, self.smooth, self.min_size, dist=dist)
             else:
                 inst = marker_watershed(fg, maps, self.marker_source, self.marker_threshold, self.min_marker_size,
-                                        self.smooth, cache=cache)
+                                        self.smooth, cache=cache, hv_ksize=self.hv_ksize, hv_signed=self.hv_signed)
                 if self.min_size > 0:
                     inst = remove_small_instances(inst, self.min_size)
                 if self.fill_holes:

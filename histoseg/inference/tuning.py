@@ -53,7 +53,7 @@ def aji_pq(true, pred) -> float:
 # with these varying slowest, so each image's StageCache recomputes a stage only when its settings change
 STAGE_ORDER = (
     "threshold", "clean_classes", "opening_radius", "fill_holes", "min_size", "ring_class", "ring_width",
-    "nuclei_classes", "marker_source", "smooth",
+    "nuclei_classes", "marker_source", "smooth", "hv_ksize", "hv_signed",
 )
 
 DEFAULT_GRIDS = {
