@@ -15,35 +15,17 @@ set -euo pipefail
 ROOT=${ROOT:-logs/exp/hv25}
 SEEDS=${SEEDS:-0 1 2}
 TTA_MODES=${TTA_MODES:-}
-PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=2 OPENCV_FOR_THREADS_NUM=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/../equal_budget_25min.sh"   # train_25min, best_ckpt, evaluate
 mkdir -p "$ROOT"
 for S in $SEEDS; do
   RUN=$ROOT/train/seed_$S
-  if [ -f "$RUN/summary.json" ]; then echo "seed $S: training done, skipped"; else
-  echo "seed $S: train start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+uncommitted')"
-  rm -rf "$RUN"; mkdir -p "$RUN"
-  $PY train.py experiment=monuseg_instance target=hv budget_min=25 seed="$S" dataset.num_workers=0 \
-    dataset.persistent_workers=false dataset.samples_per_epoch=512 inference=default tune_postprocess.workers=1 \
-    dataset.batch_size=4 model.net.encoder_name=resnet18 hydra.run.dir="$RUN" > "$RUN/stdout.log" 2>&1
-  fi
-  CKPT=$(ls "$RUN"/checkpoints/epoch_*.ckpt)   # save_top_k=1: the best-by-validation-Dice checkpoint, as the run tested
-  EVAL=$ROOT/hvgrid/seed_$S
-  if [ -f "$EVAL/summary.json" ]; then echo "seed $S: eval done, skipped"; else
-  echo "seed $S: eval start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD) on $CKPT"
-  rm -rf "$EVAL"; mkdir -p "$EVAL"
-  $(dirname $PY)/histoseg-eval ckpt_path="$CKPT" dataset=monuseg tune_postprocess.enabled=true \
-    "tune_postprocess.grid={marker_threshold:[0.3,0.4,0.5,0.6,0.7],threshold:[0.4,0.5,0.6],min_marker_size:[3,10],min_size:[10,30,60,100],hv_ksize:[3,11,21],hv_signed:[false,true]}" \
-    hydra.run.dir="$EVAL" > "$EVAL/stdout.log" 2>&1
-  fi
+  train_25min "$RUN" "$S" target=hv
+  CKPT=$(best_ckpt "$RUN")
+  evaluate "$ROOT/hvgrid/seed_$S" "seed $S:" "$CKPT" tune_postprocess.enabled=true \
+    "tune_postprocess.grid={marker_threshold:[0.3,0.4,0.5,0.6,0.7],threshold:[0.4,0.5,0.6],min_marker_size:[3,10],min_size:[10,30,60,100],hv_ksize:[3,11,21],hv_signed:[false,true]}"
   for MODE in $TTA_MODES; do
-    EVAL=$ROOT/$MODE/seed_$S
-    if [ -f "$EVAL/summary.json" ]; then echo "seed $S: $MODE eval done, skipped"; continue; fi
-    echo "seed $S: $MODE eval start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD) on $CKPT"
-    rm -rf "$EVAL"; mkdir -p "$EVAL"
-    $(dirname $PY)/histoseg-eval ckpt_path="$CKPT" dataset=monuseg inference.tta="$MODE" postprocess.hv_ksize=21 \
-      postprocess.hv_signed=true tune_postprocess.enabled=true tune_postprocess.workers=1 hydra.run.dir="$EVAL" \
-      > "$EVAL/stdout.log" 2>&1
+    evaluate "$ROOT/$MODE/seed_$S" "seed $S: $MODE" "$CKPT" inference.tta="$MODE" postprocess.hv_ksize=21 \
+      postprocess.hv_signed=true tune_postprocess.enabled=true tune_postprocess.workers=1
   done
   echo "seed $S: end $(date -u +%FT%TZ)"
 done

@@ -9,26 +9,15 @@ set -euo pipefail
 ROOT=${ROOT:-logs/exp/tta25}
 SEEDS=${SEEDS:-0 1 2}
 TTA_MODES=${TTA_MODES:-d4 flip}   # d4: 8 views per tile; flip: 3 (identity, horizontal, vertical)
-PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=2 OPENCV_FOR_THREADS_NUM=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/../equal_budget_25min.sh"   # train_25min, best_ckpt, evaluate
 mkdir -p "$ROOT"
 for S in $SEEDS; do
   RUN=$ROOT/train/seed_$S
-  if [ ! -f "$RUN/summary.json" ]; then
-    echo "seed $S: train start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+uncommitted')"
-    rm -rf "$RUN"; mkdir -p "$RUN"
-    $PY train.py experiment=monuseg_instance budget_min=25 seed="$S" dataset.num_workers=0 \
-      dataset.persistent_workers=false dataset.samples_per_epoch=512 inference=default tune_postprocess.workers=1 \
-      dataset.batch_size=4 model.net.encoder_name=resnet18 hydra.run.dir="$RUN" > "$RUN/stdout.log" 2>&1
-  fi
-  CKPT=$(ls "$RUN"/checkpoints/epoch_*.ckpt)   # save_top_k=1: the best-by-validation-Dice checkpoint, as the run tested
+  train_25min "$RUN" "$S"
+  CKPT=$(best_ckpt "$RUN")
   for MODE in $TTA_MODES; do
-    EVAL=$ROOT/$MODE/seed_$S
-    if [ -f "$EVAL/summary.json" ]; then echo "seed $S: $MODE eval done, skipped"; continue; fi
-    echo "seed $S: $MODE eval start $(date -u +%FT%TZ) at $(git rev-parse --short HEAD) on $CKPT"
-    rm -rf "$EVAL"; mkdir -p "$EVAL"
-    $(dirname $PY)/histoseg-eval ckpt_path="$CKPT" dataset=monuseg inference.tta="$MODE" tune_postprocess.enabled=true \
-      tune_postprocess.workers=1 hydra.run.dir="$EVAL" > "$EVAL/stdout.log" 2>&1
+    evaluate "$ROOT/$MODE/seed_$S" "seed $S: $MODE" "$CKPT" inference.tta="$MODE" tune_postprocess.enabled=true \
+      tune_postprocess.workers=1
   done
   echo "seed $S: end $(date -u +%FT%TZ)"
 done
