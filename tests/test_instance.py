@@ -92,18 +92,19 @@ def perfect_maps(inst, kind):
     targets = InstanceTargets(["three_class", "distance", "hv"])(torch.from_numpy(inst > 0), torch.from_numpy(inst))
     seg = targets["seg"].numpy()
     maps = {"fg": fg, "probs": fg[None]}
-    if kind in ("interior", "interior_distance"):
+    if kind in ("interior", "interior_distance", "interior_distance_hv"):
         maps["interior"] = (seg == 1).astype(np.float32)
-    if kind in ("distance", "interior_distance"):
+    if kind in ("distance", "interior_distance", "interior_distance_hv"):
         maps["dist"] = targets["dist"][0].numpy()
-    if kind == "hv":
+    if kind in ("hv", "interior_distance_hv"):
         maps["hv"] = targets["hv"].numpy()
     return maps
 
 
 @pytest.mark.parametrize("source,threshold,extra", [
     ("interior", 0.5, {}), ("distance", 0.5, {}), ("interior_distance", 0.5, {}), ("hv", 0.4, {}),
-    ("hv", 0.4, {"hv_ksize": 21, "hv_signed": True}), ("hv", 0.4, {"hv_ksize": 7, "hv_signed": False})])
+    ("hv", 0.4, {"hv_ksize": 21, "hv_signed": True}), ("hv", 0.4, {"hv_ksize": 7, "hv_signed": False}),
+    ("interior_distance_hv", 0.5, {"hv_ksize": 21, "hv_signed": True})])
 def test_marker_watershed_separates_two_touching_discs_from_perfect_maps(source, threshold, extra):
     inst = two_touching_discs()
     pp = PostProcessor(instances="markers", marker_source=source, marker_threshold=threshold, min_marker_size=3,
@@ -111,6 +112,51 @@ def test_marker_watershed_separates_two_touching_discs_from_perfect_maps(source,
     out = pp(perfect_maps(inst, source))["instances"]
     assert len(np.unique(out)) - 1 == 2
     assert aji(inst, out) > 0.95
+
+
+def merged_maps_with_true_hv(gap=12):
+    """Two discs of radius 10, centres ``gap`` px apart, split along their bisector (deeply overlapping nuclei),
+    whose interior and distance maps are those of the merged blob, as a model that missed the line between them
+    would predict; only the hv maps are right."""
+    yy, xx = np.mgrid[:40, :60]
+    d1, d2 = (yy - 20) ** 2 + (xx - 24) ** 2, (yy - 20) ** 2 + (xx - 24 - gap) ** 2
+    inst = np.where(np.minimum(d1, d2) <= 100, np.where(d1 <= d2, 1, 2), 0).astype(np.int32)
+    maps = perfect_maps(inst, "interior_distance_hv")
+    merged = InstanceTargets(["distance"])(torch.from_numpy(inst > 0), torch.from_numpy((inst > 0).astype(np.int32)))
+    maps["interior"] = (inst > 0).astype(np.float32)
+    maps["dist"] = merged["dist"][0].numpy()
+    return inst, maps
+
+
+def test_hv_edges_split_markers_the_interior_and_distance_maps_merge():
+    inst, maps = merged_maps_with_true_hv()
+    kw = dict(instances="markers", marker_threshold=0.5, min_marker_size=3, fill_holes=True, min_size=0)
+    merged = PostProcessor(marker_source="interior_distance", **kw)(maps)["instances"]
+    assert len(np.unique(merged)) - 1 == 1  # without the offsets the blob stays one nucleus
+    split = PostProcessor(marker_source="interior_distance_hv", hv_ksize=21, hv_signed=True, **kw)(maps)["instances"]
+    assert len(np.unique(split)) - 1 == 2
+    assert aji(inst, split) > 0.95 > 0.6 > aji(inst, merged)
+
+
+def test_interior_distance_hv_cache_follows_the_hv_settings(monkeypatch):
+    """The flooding energy depends on the hv rule: a cache filled under one rule must not serve another."""
+    import histoseg.inference.postprocess as pp_mod
+
+    seen = []
+    real = pp_mod.segmentation.watershed
+    monkeypatch.setattr(pp_mod.segmentation, "watershed", lambda e, m, mask: seen.append(e.copy()) or real(e, m, mask=mask))
+    _, maps = merged_maps_with_true_hv()
+    fg = maps["fg"] > 0.5
+    runs = [(21, True), (3, False), (21, True)]
+    cache = pp_mod.StageCache()
+    for k, sg in runs:  # the tuner's order: one cache per image, the rule changing between calls
+        pp_mod.marker_watershed(fg, maps, "interior_distance_hv", 0.3, 3, 1.0, cache=cache, hv_ksize=k, hv_signed=sg)
+    for k, sg in runs:
+        pp_mod.marker_watershed(fg, maps, "interior_distance_hv", 0.3, 3, 1.0, hv_ksize=k, hv_signed=sg)
+    cached, fresh = seen[:3], seen[3:]
+    for a, b in zip(cached, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(fresh[0] - fresh[1]).max() > 0.05  # the two rules do flood different energies
 
 
 def test_hv_edges_default_rule_is_unchanged():
@@ -224,7 +270,8 @@ def test_tuned_thresholds_round_trip_through_the_checkpoint(make_cfg, tmp_path):
         assert task.heads == {"seg": 3}
 
 
-@pytest.mark.parametrize("target", ["binary", "three_class", "distance", "hv", "three_class_distance"])
+@pytest.mark.parametrize("target", ["binary", "three_class", "distance", "hv", "three_class_distance",
+                                    "three_class_distance_hv"])
 def test_every_target_config_trains_one_step(make_cfg, target):
     from histoseg.tasks.train import train
 

@@ -164,6 +164,9 @@ def marker_watershed(
         ``interior_distance``: markers = sqrt(P(interior) * distance) > t; energy = -distance.
         ``hv``: HoVer-Net: edges from Sobel derivatives of the hv maps (:func:`hv_edges`, kernel ``hv_ksize``,
             ``hv_signed``); markers = foreground minus edges (1 - edges > t); flooding ``-(1 - edges)`` smoothed.
+        ``interior_distance_hv``: all three heads: markers = sqrt(P(interior) * distance) * (1 - edges) > t, so an
+            hv border cuts a marker the interior and distance maps left whole; energy = -distance * (1 - edges),
+            so the flooding lines follow the hv borders between touching nuclei.
 
     ``cache``: reuses the smoothed energy between calls that differ only in the marker settings (tuning).
     """
@@ -184,11 +187,20 @@ def marker_watershed(
                        lambda: hv_edges(maps["hv"], hv_ksize, hv_signed)) * fg
         score = 1 - edges  # high inside nuclei, low on their borders
         energy = -ndi.gaussian_filter((1 - edges) * fg, 1.0)
+    elif source == "interior_distance_hv":
+        # edges not masked by fg here: the energy then depends on the hv settings only (cached across thresholds)
+        edges = _stage(cache, "hv_edges", (int(hv_ksize), bool(hv_signed)),
+                       lambda: hv_edges(maps["hv"], hv_ksize, hv_signed))
+        dist = np.clip(maps["dist"], 0, 1)
+        score = np.sqrt(np.clip(maps["interior"], 0, 1) * dist) * (1 - edges)
+        energy = -dist * (1 - edges)
     else:
-        raise ValueError(f"marker source must be interior, distance, interior_distance or hv, got {source!r}")
+        raise ValueError("marker source must be interior, distance, interior_distance, hv or interior_distance_hv, "
+                         f"got {source!r}")
     if smooth > 0 and source != "hv":
         raw = energy
-        energy = _stage(cache, "energy", (source, smooth), lambda: ndi.gaussian_filter(raw, smooth))
+        key = (source, smooth) + ((int(hv_ksize), bool(hv_signed)) if source == "interior_distance_hv" else ())
+        energy = _stage(cache, "energy", key, lambda: ndi.gaussian_filter(raw, smooth))
     markers = (score > marker_threshold) & fg
     markers = ndi.binary_opening(markers, structure=np.ones((3, 3), bool)) if min_marker_size > 1 else markers
     markers, _ = ndi.label(markers)
@@ -291,7 +303,8 @@ class PostProcessor:
         h / smooth: watershed marker h-maxima height (pixels of distance) and smoothing sigma.
         nuclei_classes: classes that count as nuclei for instances (default: every foreground class).
         marker_source / marker_threshold / min_marker_size: settings of ``markers`` mode.
-        hv_ksize / hv_signed: the Sobel kernel and sign rule of the ``hv`` marker source (:func:`hv_edges`).
+        hv_ksize / hv_signed: the Sobel kernel and sign rule of the ``hv`` and ``interior_distance_hv`` marker
+            sources (:func:`hv_edges`).
         render: ``mask`` (the cleaned class map as is) or ``disc``: each nucleus instance (connected components
             when ``instances`` is ``none``) is redrawn as a filled disc of ``disc_radius`` pixels at its
             centroid, in its majority class (:func:`render_discs`). For data whose ground truth is discs drawn at
