@@ -581,3 +581,15 @@ def test_merge_small_instances_follows_a_chain_of_merges():
     assert out.max() == 1 and np.array_equal(out > 0, a > 0)
     out = merge_small_instances(a, 10)  # 3 joins 2, which is then 14 px and stays
     assert out.max() == 2 and out[4, 13] == out[4, 10] != out[4, 5]
+
+
+@pytest.mark.parametrize("source,heads,missing", [
+    ("interior_distance_hv", "interior_distance", "hv"), ("hv", "interior_distance", "hv"), ("distance", "interior", "dist")])
+def test_marker_source_without_its_head_names_the_missing_map(source, heads, missing):
+    """A checkpoint re-scored with a marker source its heads cannot feed (e.g. histoseg-eval
+    postprocess.marker_source=interior_distance_hv on a two-head model) fails naming the missing map, not a KeyError."""
+    maps = perfect_maps(two_touching_discs(), heads)
+    with pytest.raises(ValueError, match=rf"marker_source={source} needs the model's \['{missing}'\]"):
+        PostProcessor(instances="markers", marker_source=source)(maps)
+    with pytest.raises(ValueError, match="marker source must be one of"):
+        PostProcessor(instances="markers", marker_source="centroid")(maps)

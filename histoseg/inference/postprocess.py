@@ -145,6 +145,12 @@ def hv_edges(hv: np.ndarray, ksize: int = 3, signed: bool = False) -> np.ndarray
     return np.maximum(_minmax(gh), _minmax(gv))
 
 
+# the predicted maps each marker source reads, and the head each map comes from (SegmentationTask.predict_maps)
+MARKER_MAPS = {"interior": ("interior",), "distance": ("dist",), "interior_distance": ("interior", "dist"),
+               "hv": ("hv",), "interior_distance_hv": ("interior", "dist", "hv")}
+HEAD_OF_MAP = {"interior": "seg: 3", "dist": "dist", "hv": "hv"}
+
+
 def marker_watershed(
     fg: np.ndarray,
     maps: dict[str, np.ndarray],
@@ -170,6 +176,12 @@ def marker_watershed(
 
     ``cache``: reuses the smoothed energy between calls that differ only in the marker settings (tuning).
     """
+    if source not in MARKER_MAPS:
+        raise ValueError(f"marker source must be one of {sorted(MARKER_MAPS)}, got {source!r}")
+    missing = [k for k in MARKER_MAPS[source] if k not in maps]
+    if missing:
+        raise ValueError(f"marker_source={source} needs the model's {missing} map(s) (heads "
+                         f"{[HEAD_OF_MAP[k] for k in missing]}); the maps given are {sorted(maps)}")
     fg = np.asarray(fg).astype(bool)
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
@@ -194,9 +206,6 @@ def marker_watershed(
         dist = np.clip(maps["dist"], 0, 1)
         score = np.sqrt(np.clip(maps["interior"], 0, 1) * dist) * (1 - edges)
         energy = -dist * (1 - edges)
-    else:
-        raise ValueError("marker source must be interior, distance, interior_distance, hv or interior_distance_hv, "
-                         f"got {source!r}")
     if smooth > 0 and source != "hv":
         raw = energy
         key = (source, smooth) + ((int(hv_ksize), bool(hv_signed)) if source == "interior_distance_hv" else ())
