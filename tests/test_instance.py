@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from histoseg.data.datasets import InMemorySource, PatchDataset
 from histoseg.data.sample import Sample
 from histoseg.data.targets import IGNORE, InstanceTargets
-from histoseg.inference.postprocess import PostProcessor
+from histoseg.inference.postprocess import MARKER_MAPS, PostProcessor
 from histoseg.metrics.instance import aji
 from histoseg.utils.config import conf_dir
 
@@ -92,11 +92,12 @@ def perfect_maps(inst, kind):
     targets = InstanceTargets(["three_class", "distance", "hv"])(torch.from_numpy(inst > 0), torch.from_numpy(inst))
     seg = targets["seg"].numpy()
     maps = {"fg": fg, "probs": fg[None]}
-    if kind in ("interior", "interior_distance", "interior_distance_hv"):
+    needs = MARKER_MAPS[kind]  # the maps that marker source reads
+    if "interior" in needs:
         maps["interior"] = (seg == 1).astype(np.float32)
-    if kind in ("distance", "interior_distance", "interior_distance_hv"):
+    if "dist" in needs:
         maps["dist"] = targets["dist"][0].numpy()
-    if kind in ("hv", "interior_distance_hv"):
+    if "hv" in needs:
         maps["hv"] = targets["hv"].numpy()
     return maps
 

@@ -185,6 +185,10 @@ def marker_watershed(
     fg = np.asarray(fg).astype(bool)
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
+    uses_hv = "hv" in MARKER_MAPS[source]
+    # not masked by fg here: cached per hv rule, reused across foreground thresholds
+    edges = _stage(cache, "hv_edges", (int(hv_ksize), bool(hv_signed)),
+                   lambda: hv_edges(maps["hv"], hv_ksize, hv_signed)) if uses_hv else None
     if source == "interior":
         score = maps["interior"]
         energy = -score
@@ -195,20 +199,17 @@ def marker_watershed(
         score = np.sqrt(np.clip(maps["interior"], 0, 1) * np.clip(maps["dist"], 0, 1))
         energy = -maps["dist"]
     elif source == "hv":
-        edges = _stage(cache, "hv_edges", (int(hv_ksize), bool(hv_signed)),
-                       lambda: hv_edges(maps["hv"], hv_ksize, hv_signed)) * fg
+        edges = edges * fg
         score = 1 - edges  # high inside nuclei, low on their borders
         energy = -ndi.gaussian_filter((1 - edges) * fg, 1.0)
     elif source == "interior_distance_hv":
-        # edges not masked by fg here: the energy then depends on the hv settings only (cached across thresholds)
-        edges = _stage(cache, "hv_edges", (int(hv_ksize), bool(hv_signed)),
-                       lambda: hv_edges(maps["hv"], hv_ksize, hv_signed))
+        # edges unmasked: the energy then depends on the hv rule only (cached across foreground thresholds)
         dist = np.clip(maps["dist"], 0, 1)
         score = np.sqrt(np.clip(maps["interior"], 0, 1) * dist) * (1 - edges)
         energy = -dist * (1 - edges)
     if smooth > 0 and source != "hv":
         raw = energy
-        key = (source, smooth) + ((int(hv_ksize), bool(hv_signed)) if source == "interior_distance_hv" else ())
+        key = (source, smooth) + ((int(hv_ksize), bool(hv_signed)) if uses_hv else ())
         energy = _stage(cache, "energy", key, lambda: ndi.gaussian_filter(raw, smooth))
     markers = (score > marker_threshold) & fg
     markers = ndi.binary_opening(markers, structure=np.ones((3, 3), bool)) if min_marker_size > 1 else markers
