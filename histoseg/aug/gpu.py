@@ -74,6 +74,15 @@ def dihedral(t: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot90: t
     return t
 
 
+def turn_offsets(h: torch.Tensor, v: torch.Tensor, quarter_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offset vectors ``(h, v)`` after ``quarter_turns`` turns of ``torch.rot90`` on ``(H, W)``: each turn maps
+    ``(h, v)`` to ``(v, -h)``. The one rule both :func:`dihedral_hv` (augmentation) and the test-time inverse
+    (:func:`histoseg.inference.tiled.with_tta`, ``4 - k`` turns) apply."""
+    for _ in range(int(quarter_turns) % 4):
+        h, v = v, -h
+    return h, v
+
+
 def dihedral_hv(hv: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot90: torch.Tensor) -> torch.Tensor:
     """:func:`dihedral` for ``(B, 2, H, W)`` HoVer-Net offset maps: moves the pixels and rotates the vectors."""
     hv = dihedral(hv, hflip, vflip, rot90)
@@ -81,9 +90,10 @@ def dihedral_hv(hv: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot9
     h = torch.where(_bcast(hflip, h), -h, h)
     v = torch.where(_bcast(vflip, v), -v, v)
     k = _bcast(rot90 % 4, h)
-    # one quarter turn: (h, v) -> (v, -h)
-    nh = torch.where(k == 1, v, torch.where(k == 2, -h, torch.where(k == 3, -v, h)))
-    nv = torch.where(k == 1, -h, torch.where(k == 2, -v, torch.where(k == 3, h, v)))
+    nh, nv = h, v
+    for q in (1, 2, 3):
+        th, tv = turn_offsets(h, v, q)
+        nh, nv = torch.where(k == q, th, nh), torch.where(k == q, tv, nv)
     return torch.stack([nh, nv], 1)
 
 
