@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the repository's benchmarks package
+    sys.path.insert(0, str(ROOT))
+from benchmarks.common import cpu_model  # noqa: E402
+
 DEFAULT = [[256, 128, 64, 32, 16], [128, 64, 32, 16, 16], [128, 64, 32, 16, 8]]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(decoder: list[int], seed: int = 0):
@@ -81,7 +76,7 @@ def main(argv=None) -> dict:
         print(f"decoder {d}: {rows[-1]['params_m']} M parameters, median step {med:.3f} s, x{base / med:.2f}", flush=True)
     out = {"rows": rows, "batch": 4, "patch": 256, "encoder": "resnet18", "out_channels": 4, "channels_last": True,
            "precision": "bf16 autocast" if a.bf16 else "fp32", "threads": a.threads, "rounds": a.rounds,
-           "torch": torch.__version__, "smp": smp.__version__, "cpu": cpu_name(),
+           "torch": torch.__version__, "smp": smp.__version__, "cpu": cpu_model(),
            "command": "python experiments/equal_budget_slim_decoder_2cores/step_time.py " + " ".join(argv or [])}
     if a.out:
         a.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -89,6 +84,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
