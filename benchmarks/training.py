@@ -32,6 +32,7 @@ from benchmarks.common import ROOT, Options, clock, compose, module_main, progre
 VARIANTS = {
     "fp32": dict(precision="32-true"),
     "fp32_channels_last": dict(precision="32-true", channels_last=True),
+    "fp32_channels_last_compile": dict(precision="32-true", channels_last=True, compile=True),
     "bf16": dict(precision="bf16-mixed"),
     "bf16_channels_last": dict(precision="bf16-mixed", channels_last=True),
     "bf16_compile": dict(precision="bf16-mixed", compile=True),
