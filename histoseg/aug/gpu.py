@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from histoseg.utils.vectors import turn_offsets
+
 # Ruifrok & Johnston H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), as in skimage.color.rgb_from_hed
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
@@ -74,15 +76,6 @@ def dihedral(t: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot90: t
     return t
 
 
-def turn_offsets(h: torch.Tensor, v: torch.Tensor, quarter_turns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The offset vectors ``(h, v)`` after ``quarter_turns`` turns of ``torch.rot90`` on ``(H, W)``: each turn maps
-    ``(h, v)`` to ``(v, -h)``. The one rule both :func:`dihedral_hv` (augmentation) and the test-time inverse
-    (:func:`histoseg.inference.tiled.with_tta`, ``4 - k`` turns) apply."""
-    for _ in range(int(quarter_turns) % 4):
-        h, v = v, -h
-    return h, v
-
-
 def dihedral_hv(hv: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot90: torch.Tensor) -> torch.Tensor:
     """:func:`dihedral` for ``(B, 2, H, W)`` HoVer-Net offset maps: moves the pixels and rotates the vectors."""
     hv = dihedral(hv, hflip, vflip, rot90)
@@ -90,9 +83,9 @@ def dihedral_hv(hv: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, rot9
     h = torch.where(_bcast(hflip, h), -h, h)
     v = torch.where(_bcast(vflip, v), -v, v)
     k = _bcast(rot90 % 4, h)
-    nh, nv = h, v
-    for q in (1, 2, 3):
-        th, tv = turn_offsets(h, v, q)
+    nh, nv, th, tv = h, v, h, v
+    for q in (1, 2, 3):  # th, tv: the vectors after q quarter turns, each turn taken once
+        th, tv = turn_offsets(th, tv, 1)
         nh, nv = torch.where(k == q, th, nh), torch.where(k == q, tv, nv)
     return torch.stack([nh, nv], 1)
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from histoseg.aug.gpu import turn_offsets
+from histoseg.utils.vectors import turn_offsets
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 TTA_MODES = ("none", "flip", "d4")
@@ -103,7 +103,7 @@ def _unview(y: torch.Tensor, hflip: bool, vflip: bool, k: int, vector: tuple[int
     """Undo :func:`_view` on a ``(B, K, H, W)`` output: move the pixels back and, for the ``vector`` channel pair
     (HoVer-Net ``(h, v)`` offsets), turn the vectors back too. On the viewed image a model that is right predicts
     the transformed field: ``h`` negated by a horizontal flip, ``v`` by a vertical one, and each quarter turn maps
-    ``(h, v)`` to ``(v, -h)`` (:func:`histoseg.aug.gpu.turn_offsets`); the inverse is ``4 - k`` quarter turns, then
+    ``(h, v)`` to ``(v, -h)`` (:func:`histoseg.utils.vectors.turn_offsets`); the inverse is ``4 - k`` quarter turns, then
     the same negations. Without this, averaging the views cancels the offsets instead of agreeing on them."""
     y = torch.rot90(y, -k, (-2, -1)) if k % 4 else y
     y = y.flip(-2) if vflip else y
