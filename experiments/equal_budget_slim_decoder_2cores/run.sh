@@ -2,7 +2,8 @@
 # The recipe at the 25-minute budget of equal_budget_r18_2cores with a slimmer UNet decoder:
 # model.net.decoder_channels=[128,64,32,16,8] instead of smp's default [256,128,64,32,16]. On this 2-core CPU the
 # default decoder costs more than the ResNet-18 encoder (its full- and half-resolution blocks are memory-bound), so
-# a training step of batch 4 at 256 px takes about half the time, and 25 minutes buy about twice the steps.
+# a model-only training step of batch 4 at 256 px is 1.71x shorter (step_time.json); with data loading and validation
+# counted, 25 minutes bought 1.5x the steps (1292-1305 against 839-851).
 # Everything else is the command of the recipe's runs in logs/exp/tta25/train (equal_budget_tta_2cores:
 # results_no_tta.json), the baseline, same seeds: ResNet-18 UNet, three-class + distance heads, batch 4, 25 min of
 # training on 2 CPU cores, the watershed tuned on the 4 validation images, one pass per tile at test (no TTA).
